@@ -1,0 +1,55 @@
+# The project's entry points. `make demo` and `make test` work on a fresh machine:
+# each creates or updates the virtualenv (and the machine packages the lab needs) by itself.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+N ?= 3
+
+.PHONY: help venv protos host-deps lint test demo demo-down lab-up lab-down bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
+
+venv: $(VENV)/.installed ## create or update the controller virtualenv
+$(VENV)/.installed: requirements.txt requirements-dev.txt service/requirements.txt service/pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+protos: venv ## compile protos/*.proto into the greeter package (the one proto command)
+	$(PY) protos/compile.py
+
+host-deps: ## install the machine packages the lab and benchmarks use (Debian, as root)
+	lab/host-deps
+
+lint: venv protos ## ruff, yamllint, ansible-lint (production profile), cfn-lint, checkov
+	ruff check .
+	ruff format --check .
+	yamllint --strict .
+	ansible-lint
+	cfn-lint stack.yaml
+	checkov --quiet --compact --framework cloudformation --file stack.yaml
+
+test: lint host-deps ## every lint and every test
+	pytest
+
+demo: venv protos host-deps ## the main job: emulated AWS + $(N) lab hosts, site.yml, probe table
+	lab/demo $(N)
+
+demo-down: ## stop the demo: hosts, emulator and lab servers
+	lab/lab down
+
+lab-up: venv protos host-deps ## start $(N) lab hosts
+	lab/lab up $(N)
+
+lab-down: ## stop the lab hosts and leave nothing behind
+	lab/lab down
+
+bench: venv protos host-deps ## service and deployment benchmarks (ratios against baselines)
+	bench/run
+
+clean: lab-down ## remove the virtualenv and caches (keeps the lab image cache)
+	rm -rf $(VENV) .pytest_cache .ruff_cache .ansible

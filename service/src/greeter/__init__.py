@@ -1,0 +1,1 @@
+"""The Greeter gRPC service: server, client commands and load tool."""
