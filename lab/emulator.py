@@ -1,0 +1,176 @@
+"""Run moto's server on loopback as the lab's AWS API, with Canonical's Ubuntu image parameters.
+
+    .venv/bin/python lab/emulator.py --port PORT [--ready-file FILE]
+
+Everything in the project reaches it only through the standard ``AWS_ENDPOINT_URL`` variable with
+dummy credentials, so production files never name an endpoint.
+
+Why a wrapper and not ``moto_server``: stack.yaml takes its image id from an
+``AWS::SSM::Parameter::Value<AWS::EC2::Image::Id>`` parameter whose Default is Canonical's public
+SSM parameter. moto ships no ``/aws/service/canonical/...`` parameters, refuses ``put_parameter``
+on ``/aws/...`` names, and resolves the Default even when a value is passed, so every stack create
+fails until the parameter exists. Running the server in this process lets us add the parameters
+straight to moto's SSM backend. ``POST /moto-api/reset`` wipes them: restart instead of resetting.
+
+``--port 0`` picks a free port; the ready file and the ready line carry the endpoint URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+# moto reads these at request time. With them, an unknown instance type or image id fails the
+# stack like real AWS does, instead of being accepted silently. Key pairs stay unvalidated: a lab
+# has no key pair to import. Set before moto is imported; a caller's own value wins.
+os.environ.setdefault("MOTO_EC2_ENABLE_INSTANCE_TYPE_VALIDATION", "1")
+os.environ.setdefault("MOTO_ENABLE_AMI_VALIDATION", "1")
+
+from moto.core import DEFAULT_ACCOUNT_ID
+from moto.server import ThreadedMotoServer
+from moto.ssm.models import Parameter, ssm_backends
+
+# Canonical's public parameters (the names real AWS serves) -> an image id that exists in moto's
+# default image set in every region. moto's set has no 22.04/24.04 images; these two are the
+# newest Canonical-owned (099720109477) images it carries, standing in for them.
+UBUNTU_IMAGE_PARAMETERS = {
+    "/aws/service/canonical/ubuntu/server/22.04/stable/current/amd64/hvm/ebs-gp2/ami-id": (
+        "ami-785db401"
+    ),
+    "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id": (
+        "ami-1e749f67"
+    ),
+}
+
+READY_TIMEOUT_SECONDS = 30.0
+
+
+def loopback_host(value: str) -> str:
+    """Accept only a loopback address: the emulator must never be reachable from elsewhere."""
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an IP address") from None
+    if not address.is_loopback:
+        raise argparse.ArgumentTypeError(f"{value} is not a loopback address; refusing to bind it")
+    return value
+
+
+def port_number(value: str) -> int:
+    """A TCP port, or 0 for "pick a free one"."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is outside 0..65535")
+    return port
+
+
+def seed_image_parameters(account_id: str = DEFAULT_ACCOUNT_ID) -> None:
+    """Add Canonical's image parameters to moto's SSM store in every region moto knows."""
+    backends = ssm_backends[account_id]
+    now = datetime.now(timezone.utc)
+    for region in backends.regions:
+        store = backends[region]._parameters
+        for name, image_id in UBUNTU_IMAGE_PARAMETERS.items():
+            store[name] = [
+                Parameter(
+                    account_id=account_id,
+                    name=name,
+                    value=image_id,
+                    parameter_type="String",
+                    description=None,
+                    allowed_pattern=None,
+                    keyid=None,
+                    last_modified_date=now,
+                    version=1,
+                    data_type="aws:ec2:image",
+                )
+            ]
+
+
+def wait_until_answering(endpoint: str, region: str) -> None:
+    """Ask the server over HTTP for a seeded parameter, as every client will, until it answers."""
+    import boto3  # noqa: PLC0415 - imported late: only needed once, after the server starts
+    from botocore.config import Config  # noqa: PLC0415
+
+    ssm = boto3.client(
+        "ssm",
+        endpoint_url=endpoint,
+        region_name=region,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",  # noqa: S106 - moto's dummy credentials
+        config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=10),
+    )
+    name = next(iter(UBUNTU_IMAGE_PARAMETERS))
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    while True:
+        try:
+            ssm.get_parameter(Name=name)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Readers poll for the file, so it must appear complete or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=port_number, required=True, help="TCP port (0: pick one)")
+    parser.add_argument(
+        "--host", type=loopback_host, default="127.0.0.1", help="loopback address to bind"
+    )
+    parser.add_argument(
+        "--ready-file", type=Path, help="written with the endpoint URL once the server answers"
+    )
+    parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    args = parser.parse_args(argv)
+    # One line per request drowns the lab's log; errors still show.
+    logging.getLogger("werkzeug").setLevel(logging.INFO if args.verbose else logging.WARNING)
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+
+    seed_image_parameters()
+    server = ThreadedMotoServer(ip_address=args.host, port=args.port, verbose=False)
+    try:
+        server.start()
+    except OSError as error:
+        print(f"emulator: cannot bind {args.host}:{args.port}: {error}", file=sys.stderr)
+        return 1
+    host, port = server.get_host_and_port()
+    url_host = f"[{host}]" if ":" in host else host
+    endpoint = f"http://{url_host}:{port}"
+    try:
+        wait_until_answering(endpoint, os.environ.get("AWS_REGION", "us-east-1"))
+        if args.ready_file:
+            write_atomically(args.ready_file, endpoint + "\n")
+        print(f"emulator ready: {endpoint} (pid {os.getpid()})", flush=True)
+        stop.wait()
+    finally:
+        server.stop()
+        if args.ready_file:
+            args.ready_file.unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
