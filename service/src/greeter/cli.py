@@ -1,0 +1,195 @@
+"""``greeter``: talk to Greeter servers — ``hello``, ``probe`` and ``bench``.
+
+Exit codes (every subcommand):
+
+* 0 — success (bench: every call returned OK)
+* 2 — usage: bad flags, target or unreadable TLS file
+* 3 — cannot connect: UNAVAILABLE, or the deadline passed before a connection was made;
+  probe: no target could be reached at all; bench: no connection became ready
+* 4 — an RPC failed or a check did not pass: probe: some target was reached but is not
+  SERVING, answered wrongly, or runs another commit than --expect-commit; bench: some calls
+  failed (the report's status codes say which)
+"""
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Sequence
+
+import grpc
+
+from greeter import bench, probe
+from greeter import hello_pb2 as pb
+from greeter import hello_pb2_grpc as pb_grpc
+from greeter.client import (
+    EXIT_CONNECT,
+    EXIT_OK,
+    EXIT_RPC,
+    EXIT_USAGE,
+    Target,
+    Tls,
+    UsageError,
+    open_channel,
+)
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def duration(text: str) -> float:
+    """``10s``, ``500ms``, ``2m`` or plain seconds, as seconds."""
+    match = _DURATION.match(text)
+    if not match or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a duration like 10s, 500ms or 2m, got {text!r}")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def warmup(text: str) -> tuple[int, float]:
+    """A warm-up as a call count (``500``) or a duration (``2s``)."""
+    if text.strip().isdigit():
+        return int(text), 0.0
+    return 0, duration(text)
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def target(text: str) -> Target:
+    try:
+        return Target.parse(text)
+    except UsageError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    tls = argparse.ArgumentParser(add_help=False)
+    group = tls.add_argument_group("TLS (plaintext when none is given)")
+    group.add_argument("--ca", metavar="FILE", help="PEM CA bundle that signed the server's cert")
+    group.add_argument("--cert", metavar="FILE", help="PEM client certificate (mutual TLS)")
+    group.add_argument("--key", metavar="FILE", help="PEM client key (mutual TLS)")
+    group.add_argument("--server-name", metavar="NAME", help="name to verify the server cert for")
+
+    parser = argparse.ArgumentParser(
+        prog="greeter",
+        description="Talk to Greeter servers. TARGET is host[:port], port 50051 by default.",
+        epilog="Exit codes: 0 ok, 2 usage, 3 cannot connect, 4 RPC error or failed check.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    hello = commands.add_parser("hello", parents=[tls], help="say hello once: prints Olá, NAME!")
+    hello.add_argument("target", type=target, metavar="TARGET")
+    hello.add_argument("name", metavar="NAME")
+    hello.add_argument("--deadline", type=duration, default=5.0, help="seconds (default 5)")
+
+    check = commands.add_parser(
+        "probe", parents=[tls], help="check health, greeting, latency and version of each target"
+    )
+    check.add_argument("targets", type=target, nargs="+", metavar="TARGET")
+    check.add_argument("--json", action="store_true", help="a JSON list for machines")
+    check.add_argument("--deadline", type=duration, default=5.0, help="per call (default 5 s)")
+    check.add_argument("--expect-commit", metavar="SHA", help="fail targets running another commit")
+
+    load = commands.add_parser(
+        "bench", parents=[tls], help="load test: keep -c calls in flight, report like ghz"
+    )
+    load.add_argument("targets", type=target, nargs="+", metavar="TARGET")
+    load.add_argument("-c", "--concurrency", type=positive, default=50, help="calls in flight")
+    amount = load.add_mutually_exclusive_group()
+    amount.add_argument("-n", "--total", type=positive, help="calls to make (default 200)")
+    amount.add_argument("-z", "--duration", type=duration, help="run for a time, e.g. 30s")
+    load.add_argument(
+        "--connections", type=positive, default=1, help="TCP connections (per target)"
+    )
+    load.add_argument("--warmup", type=warmup, default=(0, 0.0), help="calls (N) or time (5s)")
+    load.add_argument("--name", default="bench", help="the nome sent (default bench)")
+    load.add_argument("--procs", type=positive, default=1, help="client processes (default 1)")
+    load.add_argument("--deadline", type=duration, default=20.0, help="per call (default 20 s)")
+    load.add_argument("--json", action="store_true", help="the report as JSON")
+    return parser
+
+
+def _tls(args: argparse.Namespace) -> Tls:
+    return Tls(ca=args.ca, cert=args.cert, key=args.key, server_name=args.server_name)
+
+
+def cmd_hello(args: argparse.Namespace) -> int:
+    with open_channel(str(args.target), _tls(args)) as channel:
+        watch = probe.ConnectionWatch(channel)
+        try:
+            reply = pb_grpc.GreeterStub(channel).SayHello(
+                pb.Mensagem(nome=args.name), timeout=args.deadline
+            )
+        except grpc.RpcError as error:
+            status = EXIT_CONNECT if watch.failed_to_connect(error) else EXIT_RPC
+            print(f"greeter: {error.code().name}: {error.details()}", file=sys.stderr)
+            return status
+        finally:
+            watch.close()
+    print(reply.texto)
+    return EXIT_OK
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    results = probe.probe_all(args.targets, _tls(args), args.deadline, args.expect_commit)
+    if args.json:
+        print(json.dumps([vars(result) for result in results], indent=2, ensure_ascii=False))
+    else:
+        print(probe.format_table(results))
+    return probe.exit_code(results)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.procs > args.concurrency:
+        raise UsageError(f"--procs {args.procs} exceeds -c {args.concurrency}: each needs a call")
+    spec = bench.LoadSpec(
+        targets=tuple(args.targets),
+        tls=_tls(args),
+        concurrency=args.concurrency,
+        total=None if args.duration else (args.total or 200),
+        duration=args.duration,
+        connections=args.connections,
+        warmup_calls=args.warmup[0],
+        warmup_seconds=args.warmup[1],
+        name=args.name,
+        deadline=args.deadline,
+    )
+    spec.tls.credentials()  # unreadable TLS files are a usage error, before any process starts
+    try:
+        result = bench.run(spec, args.procs)
+    except bench.ConnectError as error:
+        print(
+            f"greeter: cannot connect to {', '.join(map(str, spec.targets))}: {error}",
+            file=sys.stderr,
+        )
+        return EXIT_CONNECT
+    summary = bench.report(result, spec, args.procs)
+    if args.json:
+        print(json.dumps(summary, indent=2, ensure_ascii=False))
+    else:
+        print(bench.format_report(summary))
+    return EXIT_OK if summary["status_codes"].get("OK", 0) == summary["count"] else EXIT_RPC
+
+
+COMMANDS = {"hello": cmd_hello, "probe": cmd_probe, "bench": cmd_bench}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``greeter`` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as error:
+        print(f"greeter: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
