@@ -574,27 +574,54 @@ def ssh_command(lab: Lab, host: Host) -> list[str]:
 # --- inventory and environment -------------------------------------------------------------------
 
 
+INVENTORY_HOSTS = """\
+---
+# Written by lab/lab up. The hosts come from inventory/aws_ec2.yml; this file only makes
+# this folder an inventory source, so that its group_vars/ and host_vars/ apply.
+all: {}
+"""
+
+INVENTORY_ALL = """\
+---
+# Written by lab/lab up: the lab's stack parameters and where the hosts get the code.
+greeter_stack_name: {stack}
+greeter_stack_region: {region}
+greeter_stack_instance_count: {count}
+greeter_stack_key_name: lab-{name}
+greeter_stack_admin_cidr: {subnet}
+greeter_stack_client_cidr: {subnet}
+greeter_repo_url: git://{bridge}/greeter.git
+greeter_version: {commit}
+"""
+
+INVENTORY_HOST = """\
+---
+# Written by lab/lab up: instance {name} is backed by a lab host.
+ansible_host: {address}
+"""
+
+
 def write_inventory(lab: Lab) -> None:
     """The second inventory source: lab addresses for the stack's instances, the lab's settings."""
     inv = lab.state / "inventory"
     (inv / "host_vars").mkdir(parents=True, exist_ok=True)
     (inv / "group_vars").mkdir(parents=True, exist_ok=True)
+    (inv / "hosts.yml").write_text(INVENTORY_HOSTS)
     (inv / "group_vars" / "all.yml").write_text(
-        "---\n# Written by lab/lab up: the lab's stack parameters and where hosts get the code.\n"
-        f"greeter_stack_name: {STACK}\n"
-        f"greeter_stack_region: {REGION}\n"
-        f"greeter_stack_instance_count: {len(lab.hosts)}\n"
-        f"greeter_stack_key_name: lab-{lab.name}\n"
-        f"greeter_stack_admin_cidr: {lab.subnet}\n"
-        f"greeter_stack_client_cidr: {lab.subnet}\n"
-        f"greeter_repo_url: git://{lab.bridge_address}/greeter.git\n"
-        f"greeter_version: {lab.commit}\n"
+        INVENTORY_ALL.format(
+            stack=STACK,
+            region=REGION,
+            count=len(lab.hosts),
+            name=lab.name,
+            subnet=lab.subnet,
+            bridge=lab.bridge_address,
+            commit=lab.commit,
+        )
     )
     for host in lab.hosts:
         check_route(host.address, lab.bridge)
         (inv / "host_vars" / f"{host.name}.yml").write_text(
-            f"---\n# Written by lab/lab up: instance {host.name} is backed by a lab host.\n"
-            f"ansible_host: {host.address}\n"
+            INVENTORY_HOST.format(name=host.name, address=host.address)
         )
 
 
