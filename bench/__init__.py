@@ -1,0 +1,1 @@
+"""``make bench``: service and deployment benchmarks, every figure a ratio against a baseline."""

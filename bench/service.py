@@ -1,0 +1,633 @@
+"""Service benchmark: ``greeter-server`` against the original student design, in the same run.
+
+Setup (issue 6): the server is pinned to CPU 0 with ``taskset``, the load generator to CPU 1.
+h2load (C, nghttp2) sends real unary gRPC calls; ``greeter bench`` (the project's own Python load
+tool) runs at the same levels. Rounds are interleaved (baseline, candidate, baseline, ...) and each
+server is started fresh for its round, so drift on a shared machine hits both alike.
+
+h2load checks only the HTTP status, so every h2load run is also checked for gRPC correctness:
+each call it counts as succeeded must have carried exactly one response message of the expected
+size (a gRPC error has a 200 status but no message), one call's trailers must say
+``grpc-status: 0``, and a real ``greeter hello`` must answer before and after each server's round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from greeter import hello_pb2, hello_pb2_grpc
+
+from bench.common import (
+    REPO,
+    RESULTS,
+    BenchError,
+    Target,
+    fmt_range,
+    machine_info,
+    machine_line,
+    markdown_table,
+    percentile,
+    ratios,
+    summary,
+    write_results,
+)
+
+NAME = "bench"
+EXPECTED_TEXT = f"Olá, {NAME}!"
+BIN = Path(sys.executable).parent
+# calls in flight -> (connections, streams per connection). One gRPC channel is one HTTP/2
+# connection, so 1 and 50 use one connection; 500 uses ten so SO_REUSEPORT has some to spread.
+LEVELS: dict[int, tuple[int, int]] = {1: (1, 1), 50: (1, 50), 500: (10, 50)}
+SERVER_CPU = "0"
+DRIVER_CPU = "1"
+BOTH_CPUS = "0,1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """A gRPC length-prefixed message: flag byte 0 (uncompressed), 4-byte big-endian length."""
+    return b"\0" + struct.pack(">I", len(message)) + message
+
+
+REQUEST = grpc_frame(hello_pb2.Mensagem(nome=NAME).SerializeToString())
+RESPONSE_BYTES = len(grpc_frame(hello_pb2.Resposta(texto=EXPECTED_TEXT).SerializeToString()))
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (other engineers run servers here too)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- the servers -------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerSpec:
+    """How to start one server under test on a given port."""
+
+    name: str
+    argv: list[str]
+    cpus: str = SERVER_CPU
+
+    def command(self, port: int) -> list[str]:
+        return ["taskset", "-c", self.cpus, *[a.format(port=port) for a in self.argv]]
+
+
+def baseline_spec(cpus: str = SERVER_CPU) -> ServerSpec:
+    script = str(REPO / "bench" / "baseline_server.py")
+    return ServerSpec("baseline", [sys.executable, script, "--port", "{port}"], cpus)
+
+
+def candidate_spec(workers: int = 1, cpus: str = SERVER_CPU) -> ServerSpec:
+    argv = [str(BIN / "greeter-server"), "--bind", "127.0.0.1", "--port", "{port}"]
+    argv += ["--workers", str(workers), "--grace", "1"]
+    return ServerSpec(f"greeter-server --workers {workers}", argv, cpus)
+
+
+def process_tree(root: int) -> list[int]:
+    """The server's pid and every descendant (its worker processes)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    tree, frontier = [root], [root]
+    while frontier:
+        children = [pid for pid, ppid in parents.items() if ppid in frontier]
+        tree += children
+        frontier = children
+    return tree
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size (VmRSS) of one process, in MiB; 0 once it has gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    found = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+    return int(found.group(1)) / 1024 if found else 0.0
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes have used so far."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+class Server:
+    """A server under test: started pinned, ready when a real SayHello answers, stopped by pid."""
+
+    def __init__(self, spec: ServerSpec, log_dir: Path) -> None:
+        self.spec = spec
+        self.port = free_port()
+        self.log_path = log_dir / f"{spec.name.replace(' ', '_')}-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("NOTIFY_SOCKET", None)
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                self.spec.command(self.port), stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"{self.spec.name} exited {self.proc.returncode}: {self.tail()}")
+            try:
+                if say_hello(self.port, timeout=1.0) == EXPECTED_TEXT:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.1)
+        self.stop()
+        raise BenchError(f"{self.spec.name} did not serve within {timeout:.0f}s: {self.tail()}")
+
+    def pids(self) -> list[int]:
+        assert self.proc is not None
+        return process_tree(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            for pid in reversed(self.pids()):
+                os.kill(pid, signal.SIGKILL)
+            self.proc.wait(timeout=5)
+
+    def tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+
+@contextmanager
+def running(spec: ServerSpec, log_dir: Path) -> Iterator[Server]:
+    server = Server(spec, log_dir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# --- correctness -------------------------------------------------------------------------------
+
+
+def say_hello(port: int, timeout: float) -> str:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = hello_pb2_grpc.GreeterStub(channel)
+        return stub.SayHello(hello_pb2.Mensagem(nome=NAME), timeout=timeout).texto
+
+
+def verify(port: int) -> None:
+    """A real client call through the project's CLI, and one call's trailers read by nghttp."""
+    done = subprocess.run(
+        [str(BIN / "greeter"), "hello", f"127.0.0.1:{port}", NAME],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if done.returncode != 0 or EXPECTED_TEXT not in done.stdout:
+        raise BenchError(f"greeter hello failed ({done.returncode}): {done.stdout}{done.stderr}")
+    with tempfile.NamedTemporaryFile(suffix=".grpc") as body:
+        body.write(REQUEST)
+        body.flush()
+        dump = subprocess.run(
+            ["nghttp", "-v", *_grpc_headers(), "-d", body.name, _url(port)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    if "grpc-status: 0" not in dump.stdout:
+        raise BenchError(f"trailers of a SayHello call lack grpc-status 0:\n{dump.stdout[-1500:]}")
+
+
+# --- the load generators -----------------------------------------------------------------------
+
+
+def _grpc_headers() -> list[str]:
+    return ["-H", "content-type: application/grpc", "-H", "te: trailers"]
+
+
+def _url(port: int) -> str:
+    return f"http://127.0.0.1:{port}/hello.Greeter/SayHello"
+
+
+_REQUESTS = re.compile(
+    r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+    r"(\d+) errored, (\d+) timeout"
+)
+_DATA = re.compile(r"traffic: .*\((\d+)\) data")
+
+
+def parse_h2load(stdout: str, log_lines: list[str], duration: float) -> dict:
+    """Calls/s and latency percentiles from h2load's summary and its per-request log.
+
+    Raises BenchError when any call failed or when the succeeded calls did not each carry one
+    response message: h2load counts a gRPC error (HTTP 200, no message) as a success.
+    """
+    found = _REQUESTS.search(stdout)
+    data = _DATA.search(stdout)
+    if not found or not data:
+        raise BenchError(f"cannot read h2load's summary:\n{stdout[-1500:]}")
+    _, started, _, succeeded, failed, errored, timeouts = (int(g) for g in found.groups())
+    data_bytes = int(data.group(1))
+    if failed or errored or timeouts or not succeeded:
+        raise BenchError(
+            f"h2load: {succeeded} succeeded, {failed} failed, {errored} errored, "
+            f"{timeouts} timed out"
+        )
+    # Calls cut off by the end of the run may have received their message but not their
+    # trailers, so up to `started` messages can have arrived, never fewer than `succeeded`.
+    if not succeeded * RESPONSE_BYTES <= data_bytes <= started * RESPONSE_BYTES:
+        raise BenchError(
+            f"h2load: {data_bytes} bytes of messages for {succeeded} succeeded calls; expected "
+            f"{RESPONSE_BYTES} each: some calls returned no message (a gRPC error)"
+        )
+    latencies = sorted(
+        int(cols[2]) / 1000 for cols in (line.split("\t") for line in log_lines) if cols[1] == "200"
+    )
+    return {
+        "calls": succeeded,
+        "calls_per_s": succeeded / duration,
+        "p50_ms": percentile(latencies, 0.50),
+        "p99_ms": percentile(latencies, 0.99),
+        "max_ms": latencies[-1],
+    }
+
+
+def run_h2load(port: int, in_flight: int, duration: float, cpus: str = DRIVER_CPU) -> dict:
+    """Unary SayHello calls from h2load for `duration` seconds at `in_flight` calls in flight."""
+    connections, streams = LEVELS[in_flight]
+    with tempfile.TemporaryDirectory(prefix="bench-h2load-") as tmp:
+        body, log = Path(tmp) / "request.grpc", Path(tmp) / "requests.tsv"
+        body.write_bytes(REQUEST)
+        before = os.times()
+        millis = f"{round(duration * 1000)}ms"  # h2load takes no fractions of a second
+        done = subprocess.run(
+            ["taskset", "-c", cpus, "h2load", "-D", millis, "-c", str(connections),
+             "-m", str(streams), *_grpc_headers(), "-d", str(body), f"--log-file={log}",
+             _url(port)],
+            capture_output=True, text=True, timeout=duration + 60, check=False,
+        )  # fmt: skip
+        after = os.times()
+        if done.returncode != 0:
+            raise BenchError(f"h2load exited {done.returncode}: {done.stderr[-1500:]}")
+        result = parse_h2load(done.stdout, log.read_text().splitlines(), duration)
+    driver_cpu = (after.children_user + after.children_system) - (
+        before.children_user + before.children_system
+    )
+    result["driver_cpu_share"] = driver_cpu / duration
+    result["connections"], result["streams"] = connections, streams
+    return result
+
+
+def run_greeter_bench(port: int, in_flight: int, duration: float, procs: int = 1) -> dict:
+    """The project's own load tool at the same level, pinned like h2load, read from its JSON."""
+    connections, _ = LEVELS[in_flight]
+    done = subprocess.run(
+        ["taskset", "-c", DRIVER_CPU, str(BIN / "greeter"), "bench", f"127.0.0.1:{port}",
+         "--duration", f"{duration:g}", "--concurrency", str(in_flight),
+         "--connections", str(connections), "--procs", str(procs), "--json"],
+        capture_output=True, text=True, timeout=duration + 60, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise BenchError(f"greeter bench exited {done.returncode}: {done.stderr[-1500:]}")
+    report = json.loads(done.stdout)
+    if report.get("errors"):
+        raise BenchError(f"greeter bench saw errors: {report['errors']}")
+    return {
+        "calls": report["count"],
+        "calls_per_s": report["rps"],
+        "p50_ms": report["latency_ms"]["p50"],
+        "p99_ms": report["latency_ms"]["p99"],
+    }
+
+
+class RssSampler:
+    """Largest VmRSS of each server process while a load runs (workers are sampled too)."""
+
+    def __init__(self, server: Server, every: float = 0.2) -> None:
+        self.server, self.every = server, every
+        self.peak: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for pid in self.server.pids():
+                self.peak[pid] = max(self.peak.get(pid, 0.0), rss_mb(pid))
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# --- rounds ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    rounds: int = 3
+    duration: float = 4.0
+    warmup: float = 1.0
+    levels: list[int] = field(default_factory=lambda: [1, 50, 500])
+    greeter_bench: bool = True
+    bench_procs: int = 1
+    scaling: bool = True
+    log_dir: Path = RESULTS / "logs"
+
+
+def measure_round(spec: ServerSpec, cfg: Config) -> dict:
+    """One server, fresh: verify, warm up, every level with h2load then greeter bench, verify."""
+    out: dict = {"h2load": {}, "greeter_bench": {}}
+    with running(spec, cfg.log_dir) as server:
+        verify(server.port)
+        run_h2load(server.port, 50, cfg.warmup)
+        for level in cfg.levels:
+            start_cpu = cpu_seconds(server.pids())
+            with RssSampler(server) as sampler:
+                result = run_h2load(server.port, level, cfg.duration)
+            result["server_cpu_share"] = (cpu_seconds(server.pids()) - start_cpu) / cfg.duration
+            result["rss_mb"] = sorted(sampler.peak.values(), reverse=True)
+            out["h2load"][level] = result
+            if cfg.greeter_bench:
+                out["greeter_bench"][level] = run_greeter_bench(
+                    server.port, level, cfg.duration, cfg.bench_procs
+                )
+        verify(server.port)
+        out["processes"] = len(server.pids())
+    return out
+
+
+def measure_scaling(cfg: Config) -> dict:
+    """2 worker processes against 1 at 500 in flight, both servers and h2load on both CPUs.
+
+    Two Python processes need two cores, and there are only two, so the driver has to share
+    them: h2load (C, a fraction of a core) runs unpinned next to the server on CPUs 0-1 for both
+    servers alike. The ratio is what a second process buys on this 2-core machine, driver
+    included; the driver's CPU share is reported next to it.
+    """
+    one, two = candidate_spec(1, BOTH_CPUS), candidate_spec(2, BOTH_CPUS)
+    runs: dict[str, list[dict]] = {"1": [], "2": []}
+    for _ in range(cfg.rounds):
+        for key, spec in (("1", one), ("2", two)):
+            with running(spec, cfg.log_dir) as server:
+                run_h2load(server.port, 500, cfg.warmup, BOTH_CPUS)
+                start_cpu = cpu_seconds(server.pids())
+                result = run_h2load(server.port, 500, cfg.duration, BOTH_CPUS)
+                used = cpu_seconds(server.pids()) - start_cpu
+                result["server_cpu_share"] = used / cfg.duration
+                result["processes"] = len(server.pids())
+                verify(server.port)
+            runs[key].append(result)
+    return runs
+
+
+def summarise(rounds: list[dict], scaling: dict | None, cfg: Config) -> dict:
+    """Medians, ranges and per-round ratios of everything the tables and targets need."""
+    base = [r["baseline"] for r in rounds]
+    cand = [r["candidate"] for r in rounds]
+
+    def series(runs: list[dict], tool: str, level: int, key: str) -> list[float]:
+        return [run[tool][level][key] for run in runs]
+
+    levels: dict = {}
+    for level in cfg.levels:
+        entry: dict = {}
+        for tool in ("h2load", "greeter_bench") if cfg.greeter_bench else ("h2load",):
+            b_rate, c_rate = (
+                series(base, tool, level, "calls_per_s"),
+                series(cand, tool, level, "calls_per_s"),
+            )
+            b_p99, c_p99 = series(base, tool, level, "p99_ms"), series(cand, tool, level, "p99_ms")
+            entry[tool] = {
+                "baseline_calls_per_s": summary(b_rate),
+                "candidate_calls_per_s": summary(c_rate),
+                "calls_ratio": summary(ratios(c_rate, b_rate)),
+                "baseline_p99_ms": summary(b_p99),
+                "candidate_p99_ms": summary(c_p99),
+                "p99_ratio": summary(ratios(c_p99, b_p99)),
+            }
+        entry["candidate_server_cpu_share"] = summary(
+            series(cand, "h2load", level, "server_cpu_share")
+        )
+        entry["baseline_server_cpu_share"] = summary(
+            series(base, "h2load", level, "server_cpu_share")
+        )
+        levels[level] = entry
+    out: dict = {"levels": levels}
+    if cfg.greeter_bench and 50 in cfg.levels:
+        out["greeter_bench_vs_h2load_50"] = summary(
+            ratios(
+                series(cand, "greeter_bench", 50, "calls_per_s"),
+                series(cand, "h2load", 50, "calls_per_s"),
+            )
+        )
+    top = max(cfg.levels)
+    out["rss_mb_at"] = top
+    out["candidate_rss_mb"] = summary([max(run["h2load"][top]["rss_mb"]) for run in cand])
+    out["baseline_rss_mb"] = summary([max(run["h2load"][top]["rss_mb"]) for run in base])
+    out["candidate_processes"] = cand[0]["processes"]
+    if scaling:
+        one = [r["calls_per_s"] for r in scaling["1"]]
+        two = [r["calls_per_s"] for r in scaling["2"]]
+        out["scaling"] = {
+            "one_worker_calls_per_s": summary(one),
+            "two_workers_calls_per_s": summary(two),
+            "ratio": summary(ratios(two, one)),
+            "one_worker_server_cpu": summary([r["server_cpu_share"] for r in scaling["1"]]),
+            "two_workers_server_cpu": summary([r["server_cpu_share"] for r in scaling["2"]]),
+            "driver_cpu_with_two": summary([r["driver_cpu_share"] for r in scaling["2"]]),
+            "two_workers_processes": scaling["2"][0]["processes"],
+        }
+    return out
+
+
+def targets(s: dict, cfg: Config) -> list[Target]:
+    """Issue 6's service targets, each against the median of the per-round ratios."""
+    found = [
+        Target(f"greeter-server calls/s at {level} in flight vs baseline (h2load)",
+               s["levels"][level]["h2load"]["calls_ratio"]["median"], ">=", 1.0, "x")
+        for level in cfg.levels
+    ]  # fmt: skip
+    if 50 in cfg.levels:
+        found.append(
+            Target("greeter-server p99 at 50 in flight vs baseline (h2load)",
+                   s["levels"][50]["h2load"]["p99_ratio"]["median"], "<=", 1.0, "x")
+        )  # fmt: skip
+    if "scaling" in s:
+        found.append(
+            Target(
+                "2 workers vs 1 at 500 in flight", s["scaling"]["ratio"]["median"], ">=", 1.7, "x"
+            )
+        )
+    if "greeter_bench_vs_h2load_50" in s:
+        found.append(
+            Target("greeter bench vs h2load calls/s at 50 in flight",
+                   s["greeter_bench_vs_h2load_50"]["median"], ">=", 0.8, "x")
+        )  # fmt: skip
+    found.append(
+        Target(f"greeter-server RSS per process at {s['rss_mb_at']} in flight",
+               s["candidate_rss_mb"]["max"], "<=", 100.0, " MB")
+    )  # fmt: skip
+    return found
+
+
+def table(s: dict, cfg: Config) -> str:
+    """The Markdown table for stdout and the README."""
+    rows = []
+    for level in cfg.levels:
+        conns, streams = LEVELS[level]
+        for tool, label in (("h2load", "h2load"), ("greeter_bench", "greeter bench")):
+            e = s["levels"][level].get(tool)
+            if not e:
+                continue
+            rows.append([
+                f"{level} ({conns}x{streams})", label,
+                f"{e['baseline_calls_per_s']['median']:,.0f}",
+                fmt_range(e["calls_ratio"]),
+                f"{e['baseline_p99_ms']['median']:.1f}",
+                fmt_range(e["p99_ratio"]),
+            ])  # fmt: skip
+    text = markdown_table(
+        ["in flight (conns x streams)", "driver", "baseline calls/s", "greeter-server calls/s",
+         "baseline p99 ms", "greeter-server p99"],
+        rows,
+    )  # fmt: skip
+    rss, base_rss = s["candidate_rss_mb"], s["baseline_rss_mb"]
+    extra = [
+        f"- greeter-server RSS per process at {s['rss_mb_at']} in flight: "
+        f"{fmt_range(rss, 1, ' MB')} ({s['candidate_processes']} process(es)); "
+        f"baseline {fmt_range(base_rss, 1, ' MB')}",
+    ]
+    if "greeter_bench_vs_h2load_50" in s:
+        ratio = fmt_range(s["greeter_bench_vs_h2load_50"])
+        extra.append(f"- greeter bench vs h2load at 50 in flight, same server: {ratio}")
+    if "scaling" in s:
+        sc = s["scaling"]
+        one, two = sc["one_worker_calls_per_s"]["median"], sc["two_workers_calls_per_s"]["median"]
+        extra.append(
+            f"- 2 workers vs 1 at 500 in flight (server and h2load on CPUs 0-1): "
+            f"{fmt_range(sc['ratio'])}; {one:,.0f} vs {two:,.0f} calls/s; server CPU "
+            f"{sc['one_worker_server_cpu']['median']:.2f} vs "
+            f"{sc['two_workers_server_cpu']['median']:.2f} cores, "
+            f"h2load {sc['driver_cpu_with_two']['median']:.2f} core"
+        )
+    return text + "\n\n" + "\n".join(extra)
+
+
+def parse_args(argv: list[str] | None) -> Config:
+    parser = argparse.ArgumentParser(prog="bench/run service", description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds per measurement")
+    parser.add_argument("--levels", default="1,50,500", help="calls in flight (default: 1,50,500)")
+    parser.add_argument("--bench-procs", type=int, default=1, help="greeter bench --procs")
+    parser.add_argument("--no-greeter-bench", action="store_true", help="h2load only")
+    parser.add_argument("--no-scaling", action="store_true", help="skip 2 workers vs 1")
+    args = parser.parse_args(argv)
+    levels = [int(x) for x in args.levels.split(",")]
+    if args.rounds < 1 or args.duration <= 0 or not set(levels) <= set(LEVELS):
+        parser.error(f"need --rounds >= 1, --duration > 0, levels among {sorted(LEVELS)}")
+    return Config(
+        rounds=args.rounds,
+        duration=args.duration,
+        levels=levels,
+        greeter_bench=not args.no_greeter_bench,
+        bench_procs=args.bench_procs,
+        scaling=not args.no_scaling,
+    )
+
+
+def run(cfg: Config) -> tuple[str, list[Target]]:
+    """Measure, store the JSON section, and return the table and the checked targets."""
+    for tool in ("h2load", "nghttp", "taskset"):
+        if not any((Path(d) / tool).exists() for d in os.environ.get("PATH", "").split(":")):
+            raise BenchError(f"{tool} is missing: run `make host-deps` (Debian nghttp2-client)")
+    if (os.cpu_count() or 1) < 2:
+        raise BenchError("needs 2 CPUs: the server on CPU 0, the load on CPU 1")
+    cfg.log_dir.mkdir(parents=True, exist_ok=True)
+    machine = machine_info()
+    rounds = []
+    for i in range(cfg.rounds):
+        pair = {}
+        for key, spec in (("baseline", baseline_spec()), ("candidate", candidate_spec())):
+            print(f"service: round {i + 1}/{cfg.rounds}: {spec.name}", file=sys.stderr, flush=True)
+            pair[key] = measure_round(spec, cfg)
+        rounds.append(pair)
+    scaling = None
+    if cfg.scaling:
+        print("service: 2 workers vs 1", file=sys.stderr, flush=True)
+        scaling = measure_scaling(cfg)
+    s = summarise(rounds, scaling, cfg)
+    checked = targets(s, cfg)
+    write_results(
+        "service",
+        {
+            "machine": machine,
+            "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()},
+            "levels_connections_streams": LEVELS,
+            "summary": s,
+            "rounds": rounds,
+            "scaling_rounds": scaling,
+            "targets": [t.as_dict() for t in checked],
+        },
+    )
+    text = f"## Service ({machine_line(machine)})\n\n{table(s, cfg)}"
+    return text, checked
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        text, checked = run(parse_args(argv))
+    except BenchError as err:
+        print(f"service benchmark failed: {err}", file=sys.stderr)
+        return 1
+    print(text)
+    print("\n".join(t.line() for t in checked))
+    return 0 if all(t.ok for t in checked) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Smoke tests of the benchmark harness itself: a few seconds, real servers and a real h2load.
+
+They pin what the benchmark figures rest on: h2load really drives gRPC calls, a gRPC error
+that h2load would count as a success is caught, ratios pair rounds, and a missed target fails.
+"""
+
+import json
+import subprocess
+import sys
+import threading
+from concurrent import futures
+
+import grpc
+import pytest
+from greeter import hello_pb2_grpc
+
+from bench import common, deploy, service
+
+REPO = common.REPO
+
+
+def test_h2load_drives_real_calls_against_the_baseline_server(tmp_path):
+    with service.running(service.baseline_spec(), tmp_path) as server:
+        result = service.run_h2load(server.port, 50, duration=1.0)
+        assert service.say_hello(server.port, timeout=5) == service.EXPECTED_TEXT
+        pids = server.pids()
+        assert pids and all(service.rss_mb(pid) > 1 for pid in pids)
+    assert result["calls"] > 100
+    assert result["calls_per_s"] == pytest.approx(result["calls"] / 1.0)
+    assert 0 < result["p50_ms"] <= result["p99_ms"] <= result["max_ms"]
+    assert server.proc.returncode == 0, server.tail()
+
+
+class FailingGreeter(hello_pb2_grpc.GreeterServicer):
+    def SayHello(self, request, context):
+        context.abort(grpc.StatusCode.UNAVAILABLE, "overloaded")
+
+
+def test_h2load_run_with_grpc_errors_is_rejected_not_counted():
+    """Every call answers HTTP 200 with grpc-status 14: h2load says 'succeeded', we must not."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    hello_pb2_grpc.add_GreeterServicer_to_server(FailingGreeter(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with pytest.raises(common.BenchError, match="returned no message"):
+            service.run_h2load(port, 1, duration=0.5)
+    finally:
+        server.stop(0).wait()
+
+
+def test_server_that_cannot_start_is_reported_with_its_output(tmp_path):
+    spec = service.ServerSpec(
+        "broken", ["python3", "-c", "import sys; sys.exit('no port for you')"]
+    )
+    with pytest.raises(common.BenchError, match="no port for you"):
+        service.Server(spec, tmp_path).start(timeout=10)
+
+
+def test_ratios_pair_rounds_and_summaries_keep_the_range():
+    assert common.ratios([110.0, 90.0], [100.0, 100.0]) == [1.1, 0.9]
+    with pytest.raises(ValueError, match="rounds"):
+        common.ratios([1.0], [1.0, 2.0])
+    s = common.summary([3.0, 1.0, 2.0])
+    assert (s["median"], s["min"], s["max"]) == (2.0, 1.0, 3.0)
+    assert common.fmt_range(s) == "2.00x (1.00-3.00)"
+    assert common.percentile([float(i) for i in range(1, 101)], 0.99) == 99.0
+
+
+def test_targets_fail_when_missed_or_not_measured():
+    assert common.Target("rate", 1.2, ">=", 1.0, "x").ok
+    assert not common.Target("rate", 0.9, ">=", 1.0, "x").ok
+    assert common.Target("rss", 60.0, "<=", 100.0).ok
+    missing = common.Target("rss", None, "<=", 100.0)
+    assert not missing.ok and missing.line().startswith("MISS")
+
+
+def test_play_recap_is_read_per_host():
+    stdout = (
+        "TASK [x] ***\nok: [greeter-1]\n\nPLAY RECAP *********\n"
+        "greeter-1                  : ok=12   changed=0    unreachable=0    failed=0    skipped=3\n"
+        "greeter-2                  : ok=12   changed=2    unreachable=0    failed=1    skipped=3\n"
+        "localhost                  : ok=3    changed=0    unreachable=0    failed=0    skipped=0\n"
+    )
+    recap = deploy.parse_recap(stdout)
+    assert recap["greeter-2"] == {"ok": 12, "changed": 2, "unreachable": 0, "failed": 1}
+    assert set(recap) == {"greeter-1", "greeter-2", "localhost"}
+
+
+def test_baseline_config_leaves_ansible_at_its_defaults(tmp_path):
+    lines = deploy.baseline_cfg(tmp_path).read_text().splitlines()
+    text = "\n".join(line for line in lines if not line.startswith("#"))
+    for tuned in ("pipelining", "forks", "gathering", "fact_caching"):
+        assert tuned not in text
+    assert f"roles_path = {REPO}/roles" in text
+
+
+def test_results_file_keeps_the_other_section(tmp_path):
+    path = tmp_path / "latest.json"
+    common.write_results("service", {"machine": {"nproc": 2}, "x": 1}, path)
+    common.write_results("deploy", {"machine": {"nproc": 2}, "y": 2}, path)
+    data = json.loads(path.read_text())
+    assert data["service"]["x"] == 1 and data["deploy"]["y"] == 2 and data["machine"]["nproc"] == 2
+
+
+def test_bench_run_rejects_an_unknown_suite():
+    done = subprocess.run(
+        [str(REPO / "bench" / "run"), "nonsense"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 2
+    assert "usage: bench/run" in done.stderr
+
+
+def test_rss_sampler_reads_every_process_of_a_tree(tmp_path):
+    spec = service.ServerSpec("sleeper", [sys.executable, "-c", "import time; time.sleep(30)"])
+    server = service.Server(spec, tmp_path)
+    server.proc = subprocess.Popen(spec.command(0))
+    try:
+        with service.RssSampler(server, every=0.05) as sampler:
+            threading.Event().wait(0.3)
+        assert list(sampler.peak) == [server.proc.pid]
+        assert sampler.peak[server.proc.pid] > 1
+    finally:
+        server.proc.kill()
+        server.proc.wait()
