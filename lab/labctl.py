@@ -749,6 +749,15 @@ def cmd_up(count: int) -> None:
     )
 
 
+def close_ssh_masters(lab: Lab) -> None:
+    """End the shared SSH connections of `lab ssh` and Ansible (they would outlive the lab)."""
+    for socket_path in [
+        *(lab.state / "ssh").glob("cm-*"),
+        *(lab.state / "ansible" / "cp").glob("*"),
+    ]:
+        quiet("ssh", "-o", f"ControlPath={socket_path}", "-O", "exit", "lab-host")
+
+
 def cmd_down() -> None:
     name = lab_name()
     lab = Lab.load(name)
@@ -756,6 +765,7 @@ def cmd_down() -> None:
         log(f"lab {name} is not up")
         return
     started = time.monotonic()
+    close_ssh_masters(lab)
     hosts = [
         lab.processes[f"host-{h.index}"] for h in lab.hosts if f"host-{h.index}" in lab.processes
     ]
@@ -819,7 +829,9 @@ def cmd_ssh(target: str, command: list[str]) -> None:
     for host in lab.hosts:
         if target in (host.name, host.address, str(host.index + 1)):
             check_route(host.address, lab.bridge)
-            argv = ssh_command(lab, host) + command
+            # One shared connection per host makes repeated `lab ssh` calls cheap; `down` ends it.
+            mux = ["-o", "ControlMaster=auto", "-o", f"ControlPath={lab.state / 'ssh' / 'cm-%C'}"]
+            argv = [*ssh_command(lab, host), *mux, "-o", "ControlPersist=60", *command]
             os.execvp(argv[0], argv)  # noqa: S606 - the user's interactive session
     raise LabError(f"no host {target!r} in lab {lab.name}: {', '.join(h.name for h in lab.hosts)}")
 

@@ -1,0 +1,115 @@
+"""The lab's servers on the bridge: apt proxy (Debian only), git mirror, wheelhouse; and the
+emulated AWS whose aws_ec2 inventory lists the stack's instances at the lab hosts' addresses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import yaml
+
+if TYPE_CHECKING:
+    from conftest import LabSession
+
+pytestmark = pytest.mark.lab
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Fetch a URL from a host with the standard library only (the image has no curl), optionally
+# through the apt proxy; prints the HTTP status and the first bytes of the body.
+FETCH = """python3 - <<'EOF'
+import urllib.request, urllib.error
+proxy = {proxy!r}
+handler = urllib.request.ProxyHandler({{"http": proxy}} if proxy else {{}})
+opener = urllib.request.build_opener(handler)
+try:
+    with opener.open({url!r}, timeout=20) as r:
+        print(r.status, r.read(400).decode("latin-1"))
+except urllib.error.HTTPError as e:
+    print(e.code)
+EOF"""
+
+
+def fetch(lab: LabSession, url: str, proxy: str = "") -> str:
+    return lab.ssh(lab.hosts[0], FETCH.format(url=url, proxy=proxy)).stdout
+
+
+def test_hosts_use_the_apt_proxy_which_serves_the_debian_archive(lab: LabSession) -> None:
+    proxy = f"http://{lab.bridge_address}:3142"
+    config = lab.ssh(lab.hosts[0], "apt-config dump Acquire::http::Proxy").stdout
+    assert proxy in config
+    release = fetch(lab, "http://deb.debian.org/debian/dists/bookworm/Release", proxy)
+    assert release.startswith("200 ")
+    assert "Codename: bookworm" in release
+
+
+def test_the_apt_proxy_refuses_anything_but_the_debian_archive(lab: LabSession) -> None:
+    # .invalid never resolves; the proxy must refuse by its own rules before trying.
+    assert fetch(lab, "http://example.invalid/", f"http://{lab.bridge_address}:3142").startswith(
+        "403"
+    )
+
+
+def test_hosts_clone_the_project_from_the_lab_git_server(lab: LabSession) -> None:
+    head = json.loads((lab.state / "lab.json").read_text())["commit"]  # HEAD when the lab came up
+    subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{head}^{{commit}}"], check=True)
+    url = f"git://{lab.bridge_address}/greeter.git"
+    remote = lab.ssh(lab.hosts[0], f"git ls-remote {url} refs/heads/main").stdout.split()
+    assert remote == [head, "refs/heads/main"]
+    clone = lab.ssh(
+        lab.hosts[1 % len(lab.hosts)],
+        f"rm -rf /tmp/clone && git clone -q {url} /tmp/clone && git -C /tmp/clone rev-parse HEAD",
+    )
+    assert clone.stdout.strip() == head
+
+
+def test_tests_can_push_other_commits_into_the_lab_git_mirror(lab: LabSession) -> None:
+    mirror = lab.state / "git" / "greeter.git"
+    subprocess.run(
+        ["git", "-C", str(REPO), "push", "--quiet", str(mirror), "HEAD:refs/heads/test-push"],
+        check=True,
+    )
+    url = f"git://{lab.bridge_address}/greeter.git"
+    assert "refs/heads/test-push" in lab.ssh(lab.hosts[0], f"git ls-remote {url}").stdout
+
+
+def test_hosts_install_wheels_from_the_lab_wheelhouse(lab: LabSession) -> None:
+    pip_conf = lab.ssh(lab.hosts[0], "cat /etc/pip.conf").stdout
+    assert f"find-links = http://{lab.bridge_address}:8000/" in pip_conf
+    assert "no-index = true" in pip_conf
+    index = lab.ssh(
+        lab.hosts[0],
+        "python3 -c 'import sys, urllib.request; "
+        "print(urllib.request.urlopen(sys.argv[1], timeout=20).read().decode())' "
+        f"http://{lab.bridge_address}:8000/",
+    ).stdout
+    requirements = (REPO / "service" / "requirements.txt").read_text().splitlines()
+    pins = [line.split("==") for line in requirements if "==" in line]
+    assert pins
+    for name, version in pins:
+        assert f"{name.replace('-', '_')}-{version}-" in index, (name, version)
+
+
+def test_aws_ec2_inventory_lists_the_stack_instances_at_lab_addresses(
+    lab_stack: LabSession,
+) -> None:
+    lab = lab_stack
+    listing = yaml.safe_load(lab.run("ansible-inventory", "--list", "--yaml").stdout)
+
+    def hosts_of(group: dict) -> dict:
+        found = dict(group.get("hosts") or {})
+        for child in (group.get("children") or {}).values():
+            found.update(hosts_of(child))
+        return found
+
+    servers = hosts_of(listing["all"]["children"]["greeter_servers"])
+    assert {name: str(v["ansible_host"]) for name, v in servers.items()} == {
+        h.name: h.address for h in lab.hosts
+    }
+    for host in servers.values():  # the emulator's public IP is there, and never used
+        assert str(host["ansible_host"]) != str(host["ec2_public_ip_address"])
+    ping = lab.run("ansible", "greeter_servers", "-m", "ansible.builtin.ping")
+    assert ping.stdout.count("SUCCESS") == len(lab.hosts)
