@@ -280,7 +280,20 @@ def ensure_image() -> Path:
             shutil.rmtree(image)
         tmp.rename(image)
         log(f"image built in {time.monotonic() - started:.0f}s")
+        prune_images(keep=image)
         return image / "rootfs"
+
+
+def prune_images(keep: Path) -> None:
+    """Remove images of older recipes that no lab on this machine still runs on."""
+    in_use = {keep}
+    for saved in LAB_ROOT.glob("*/lab.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            in_use.add(Path(json.loads(saved.read_text())["image"]).parent)
+    for old in keep.parent.iterdir():
+        if old.is_dir() and old not in in_use and not old.name.endswith(".tmp"):
+            log(f"removing the unused image {old.name}")
+            shutil.rmtree(old)
 
 
 # --- services on the bridge ----------------------------------------------------------------------
