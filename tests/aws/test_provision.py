@@ -1,0 +1,156 @@
+"""playbooks/provision.yml against the emulator: what it creates, and what it refuses to create."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from aws_helpers import ADMIN_CIDR, CLIENT_CIDR, REPO, Aws, tags
+from cfnlint.decode import cfn_yaml
+
+pytestmark = pytest.mark.aws
+
+
+def test_provision_creates_the_stack_with_every_host_locked_down(aws: Aws, stack: str) -> None:
+    result = aws.provision(
+        stack,
+        "greeter_stack_instance_count=3",
+        "greeter_stack_project=shop",
+        "greeter_stack_environment=staging",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    instances = aws.instances(stack, "running")
+    assert sorted(tags(i)["Name"] for i in instances) == [f"{stack}-1", f"{stack}-2", f"{stack}-3"]
+    for instance in instances:
+        assert (
+            tags(instance).items()
+            >= {"Project": "shop", "Environment": "staging", "Service": "greeter"}.items()
+        )
+        assert instance["InstanceType"] == "t3.micro"
+        # The image came from Canonical's 22.04 parameter as the emulator seeds it.
+        assert instance["ImageId"] == "ami-785db401"
+
+        (root,) = instance["BlockDeviceMappings"]
+        assert root["Ebs"]["DeleteOnTermination"] is True
+        (volume,) = aws.client("ec2").describe_volumes(VolumeIds=[root["Ebs"]["VolumeId"]])[
+            "Volumes"
+        ]
+        assert (volume["VolumeType"], volume["Encrypted"]) == ("gp3", True)
+
+    (group,) = aws.security_groups(stack)
+    ingress = {
+        (rule["IpProtocol"], rule["FromPort"], rule["ToPort"], ip_range["CidrIp"])
+        for rule in group["IpPermissions"]
+        for ip_range in rule["IpRanges"]
+    }
+    assert ingress == {("tcp", 22, 22, ADMIN_CIDR), ("tcp", 50051, 50051, CLIENT_CIDR)}
+    assert all(
+        not rule["Ipv6Ranges"] and not rule["UserIdGroupPairs"] for rule in group["IpPermissions"]
+    )
+
+    cloudformation = aws.client("cloudformation")
+    (described,) = cloudformation.describe_stacks(StackName=stack)["Stacks"]
+    assert described["StackStatus"] == "CREATE_COMPLETE"
+    outputs = {output["OutputKey"]: output["OutputValue"] for output in described["Outputs"]}
+    by_name = {tags(i)["Name"]: i for i in instances}
+    expected = {"SecurityGroupId": group["GroupId"]}
+    for index in (1, 2, 3):
+        instance = by_name[f"{stack}-{index}"]
+        expected[f"Instance{index}Id"] = instance["InstanceId"]
+        expected[f"Instance{index}PublicIp"] = instance["PublicIpAddress"]
+        expected[f"Instance{index}PublicDnsName"] = instance["PublicDnsName"]
+    assert outputs == expected
+
+    # moto drops MetadataOptions of AWS::EC2::Instance (describe_instances says HttpTokens
+    # "optional"), so check the template the stack was really created from.
+    body = cloudformation.get_template(StackName=stack)["TemplateBody"]
+    resources = cfn_yaml.loads(body)["Resources"]
+    for index in (1, 2, 3):
+        options = resources[f"Instance{index}"]["Properties"]["MetadataOptions"]
+        assert options["HttpTokens"] == "required"
+
+
+ADMIN = f"greeter_stack_admin_cidr={ADMIN_CIDR}"
+
+
+@pytest.mark.parametrize(
+    ("extra_vars", "message"),
+    [
+        pytest.param([], "greeter_stack_admin_cidr is required", id="admin-cidr-missing"),
+        pytest.param(
+            ["greeter_stack_admin_cidr=203.0.113.7"],
+            "greeter_stack_admin_cidr: an IPv4 CIDR",
+            id="admin-cidr-without-prefix",
+        ),
+        pytest.param(
+            ["greeter_stack_admin_cidr=203.0.113.300/32"],
+            "greeter_stack_admin_cidr: an IPv4 CIDR",
+            id="admin-cidr-octet-too-big",
+        ),
+        pytest.param(
+            ["greeter_stack_admin_cidr=0.0.0.0/0"],
+            "SSH is never opened to the whole internet",
+            id="ssh-open-to-the-world",
+        ),
+        pytest.param(
+            [ADMIN, "greeter_stack_instance_count=0"],
+            "greeter_stack_instance_count: 1 to 5 instances",
+            id="count-0",
+        ),
+        pytest.param(
+            [ADMIN, "greeter_stack_instance_count=6"],
+            "greeter_stack_instance_count: 1 to 5 instances",
+            id="count-6",
+        ),
+        pytest.param(
+            [ADMIN, "greeter_stack_instance_count=three"],
+            "'greeter_stack_instance_count' is of type str and we were unable to convert to int",
+            id="count-not-a-number",
+        ),
+        pytest.param(
+            [ADMIN, "greeter_stack_instance_type=t9.huge"],
+            "value of greeter_stack_instance_type must be one of: t3.micro",
+            id="unknown-instance-type",
+        ),
+        pytest.param(
+            [ADMIN, "greeter_stack_subnet_id=subnet-0123456789abcdef0"],
+            "and then greeter_stack_vpc_id too",
+            id="subnet-without-its-vpc",
+        ),
+    ],
+)
+def test_bad_parameters_fail_before_anything_is_created(
+    aws: Aws, stack: str, extra_vars: list[str], message: str
+) -> None:
+    result = aws.playbook(stack, "provision.yml", "greeter_stack_wait_for_ssh=false", *extra_vars)
+
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output  # ansible-playbook: a task failed
+    assert message in " ".join(output.split()), output  # messages may be wrapped
+    assert "TASK [Create or update the stack]" not in output, "AWS must not be called"
+    assert aws.live_stacks(stack) == []
+    assert aws.instances(stack) == []
+    assert aws.security_groups(stack) == []
+
+
+def test_the_playbook_checks_what_the_template_allows() -> None:
+    """provision.yml's choices and the defaults are the template's: neither can drift."""
+    parameters = cfn_yaml.load(str(REPO / "stack.yaml"))["Parameters"]
+    provision = yaml.safe_load((REPO / "playbooks" / "provision.yml").read_text())
+    spec = provision[0]["tasks"][1]["ansible.builtin.validate_argument_spec"]["argument_spec"]
+    assert (
+        spec["greeter_stack_instance_type"]["choices"]
+        == parameters["InstanceType"]["AllowedValues"]
+    )
+    checks = provision[0]["tasks"][2]["loop"]
+    (count_check,) = [c for c in checks if c["var"] == "greeter_stack_instance_count"]
+    low, high = parameters["InstanceCount"]["MinValue"], parameters["InstanceCount"]["MaxValue"]
+    assert f"{low} to {high} instances" == count_check["rule"]
+
+    defaults = yaml.safe_load((REPO / "inventory" / "group_vars" / "all" / "stack.yml").read_text())
+    assert defaults["greeter_stack_instance_type"] == parameters["InstanceType"]["Default"]
+    assert defaults["greeter_stack_grpc_port"] == parameters["GrpcPort"]["Default"]
+    assert defaults["greeter_stack_image_parameter"] == parameters["ImageId"]["Default"]
+    assert defaults["greeter_stack_root_volume_size"] == parameters["RootVolumeSize"]["Default"]
+    assert "greeter_stack_admin_cidr" not in defaults, "the admin CIDR must have no default"
+    assert "Default" not in parameters["AdminCidr"]
