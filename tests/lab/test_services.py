@@ -97,19 +97,17 @@ def test_aws_ec2_inventory_lists_the_stack_instances_at_lab_addresses(
     lab_stack: LabSession,
 ) -> None:
     lab = lab_stack
-    listing = yaml.safe_load(lab.run("ansible-inventory", "--list", "--yaml").stdout)
-
-    def hosts_of(group: dict) -> dict:
-        found = dict(group.get("hosts") or {})
-        for child in (group.get("children") or {}).values():
-            found.update(hosts_of(child))
-        return found
-
-    servers = hosts_of(listing["all"]["children"]["greeter_servers"])
-    assert {name: str(v["ansible_host"]) for name, v in servers.items()} == {
-        h.name: h.address for h in lab.hosts
-    }
-    for host in servers.values():  # the emulator's public IP is there, and never used
-        assert str(host["ansible_host"]) != str(host["ec2_public_ip_address"])
+    graph = lab.run("ansible-inventory", "--graph", "greeter_servers").stdout
+    names = sorted(line.strip(" |-") for line in graph.splitlines()[1:])
+    assert names == sorted(h.name for h in lab.hosts)
+    for host in lab.hosts:
+        hostvars = yaml.safe_load(
+            lab.run("ansible-inventory", "--host", host.name, "--yaml").stdout
+        )
+        assert str(hostvars["ansible_host"]) == host.address
+        # moto's public IP is in the inventory, and never used to connect
+        assert str(hostvars["ec2_public_ip_address"]) != host.address
+        assert hostvars["ec2_tags"]["Name"] == host.name
+        assert hostvars["ec2_tags"]["aws:cloudformation:stack-name"] == "greeter"
     ping = lab.run("ansible", "greeter_servers", "-m", "ansible.builtin.ping")
     assert ping.stdout.count("SUCCESS") == len(lab.hosts)
