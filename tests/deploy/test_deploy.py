@@ -1,0 +1,368 @@
+"""The deployment on lab hosts: site.yml, reruns, rolling upgrade, health gate, rollback, faults.
+
+One lab of three hosts (LAB_NAME ``deploy``, beside the session's ``test`` lab whose tests
+need untouched hosts) is shared by every test in this file, in file order: each test starts
+from the fleet state the previous one left, as a person operating the fleet would. Timings of
+the first deploy, the no-op rerun and the upgrade are printed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from conftest import LabSession
+
+pytestmark = pytest.mark.lab
+
+REPO = Path(__file__).resolve().parents[2]
+LAB_NAME = "deploy"
+RECAP = re.compile(
+    r"^(?P<host>\S+)\s+: ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)"
+    r"\s+unreachable=(?P<unreachable>\d+)\s+failed=(?P<failed>\d+)"
+)
+TIMINGS: dict[str, float] = {}
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def recap(output: str) -> dict[str, dict[str, int]]:
+    """The PLAY RECAP counters per host."""
+    found = {}
+    for line in output.splitlines():
+        match = RECAP.match(line)
+        if match:
+            found[match["host"]] = {k: int(v) for k, v in match.groupdict().items() if k != "host"}
+    return found
+
+
+def note(what: str, seconds: float) -> None:
+    TIMINGS[what] = round(seconds, 1)
+    print(f"\n[deploy timing] {what}: {seconds:.1f} s", flush=True)
+
+
+def targets(lab: LabSession) -> list[str]:
+    return [f"{host.address}:50051" for host in lab.hosts]
+
+
+def probe(lab: LabSession, *extra: str) -> tuple[int, list[dict]]:
+    """`greeter probe --json` over the whole fleet, from the controller."""
+    result = lab.run("greeter", "probe", *targets(lab), "--json", *extra, check=False)
+    return result.returncode, json.loads(result.stdout or "[]")
+
+
+def served_commits(lab: LabSession) -> list[str]:
+    rc, rows = probe(lab)
+    assert rc == 0, rows
+    return [row["commit"] for row in rows]
+
+
+def current(lab: LabSession, host_index: int) -> str:
+    link = lab.ssh(lab.hosts[host_index], "readlink /opt/greeter/current").stdout.strip()
+    return link.rsplit("/", 1)[-1]
+
+
+def push_commit(lab: LabSession, tmp: Path, message: str, edit: Callable[[Path], None]) -> str:
+    """Commit a change on top of the mirror's main in a scratch clone; push it as a branch."""
+    mirror = lab.state / "git" / "greeter.git"
+    clone = tmp / f"clone-{time.monotonic_ns()}"
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    subprocess.run([*git, "clone", "--quiet", str(mirror), str(clone)], check=True)
+    edit(clone)
+    subprocess.run([*git, "-C", str(clone), "add", "-A"], check=True)
+    subprocess.run([*git, "-C", str(clone), "commit", "--quiet", "-m", message], check=True)
+    sha = subprocess.run(
+        ["git", "-C", str(clone), "rev-parse", "HEAD"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    branch = f"test/{sha[:12]}"
+    subprocess.run(
+        ["git", "-C", str(clone), "push", "--quiet", "origin", f"HEAD:refs/heads/{branch}"],
+        check=True,
+    )
+    return sha
+
+
+def batches(output: str) -> list[list[str]]:
+    """Hosts per rollout batch, read from the switch task of each batch in the output."""
+    found, collecting = [], None
+    for line in output.splitlines():
+        if line.startswith("TASK [greeter : Switch current"):
+            collecting = []
+            found.append(collecting)
+        elif line.startswith(("TASK [", "RUNNING HANDLER", "PLAY ")):
+            collecting = None
+        elif collecting is not None:
+            match = re.match(r"^(?:ok|changed): \[(\S+)\]", line)
+            if match:
+                collecting.append(match[1])
+    return found
+
+
+class Load:
+    """`greeter bench` round-robin over the fleet in back-to-back short runs until stopped."""
+
+    def __init__(self, lab: LabSession) -> None:
+        self.lab, self.reports, self.problems = lab, [], []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            args = ("greeter", "bench", *targets(self.lab), "-c", "8", "-z", "4s", "--json")
+            result = self.lab.run(*args, check=False, timeout=120)
+            try:
+                self.reports.append(json.loads(result.stdout))
+            except json.JSONDecodeError:
+                self.problems.append(f"exit {result.returncode}: {result.stderr[-500:]}")
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=120)
+
+    @property
+    def calls(self) -> int:
+        return sum(report["count"] for report in self.reports)
+
+    @property
+    def failed(self) -> int:
+        return sum(n for r in self.reports for code, n in r["status_codes"].items() if code != "OK")
+
+
+# --- the shared fleet ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fleet(extra_lab: Callable[[str, int], LabSession]) -> Iterator[LabSession]:
+    """Three fresh lab hosts with the stack created in the lab's emulator."""
+    lab = extra_lab(LAB_NAME, 3)
+    lab.playbook("playbooks/provision.yml")
+    yield lab
+    print(f"\n[deploy timing] summary: {json.dumps(TIMINGS)}", flush=True)
+
+
+@pytest.fixture(scope="module")
+def base_commit(fleet: LabSession) -> str:
+    """The commit lab/lab up put on the mirror's main: what site.yml deploys."""
+    return fleet.run("git", "-C", str(REPO), "rev-parse", "HEAD").stdout.strip()
+
+
+# --- the tests, in the order an operator meets them ----------------------------------------------
+
+
+def test_bad_variables_fail_before_any_host_changes(fleet: LabSession) -> None:
+    cases = {
+        "greeter_port=not-a-port": "greeter_port",
+        "greeter_version=no-such-version": "is not a branch or tag",
+        "greeter_keep_releases=0": "greeter_keep_releases at least 1",
+    }
+    for extra, message in cases.items():
+        result = fleet.playbook("playbooks/deploy.yml", "-e", extra, check=False)
+        assert result.returncode != 0, extra
+        assert message in " ".join((result.stdout + result.stderr).split()), extra
+        assert all(c["changed"] == 0 for c in recap(result.stdout).values()), result.stdout
+    for host in fleet.hosts:
+        untouched = fleet.ssh(
+            host, "test ! -e /opt/greeter && ! getent passwd greeter", check=False
+        )
+        assert untouched.returncode == 0, f"{host.name} was changed by a rejected run"
+
+
+def test_check_mode_on_fresh_hosts_changes_nothing(fleet: LabSession) -> None:
+    result = fleet.playbook("playbooks/deploy.yml", "--check", "--diff")
+    assert "greeter.service" in result.stdout  # the diff shows the unit it would write
+    for host in fleet.hosts:
+        assert fleet.ssh(host, "test ! -e /opt/greeter", check=False).returncode == 0
+
+
+def test_site_deploys_a_fresh_fleet_that_serves_the_commit(
+    fleet: LabSession, base_commit: str
+) -> None:
+    started = time.monotonic()
+    result = fleet.playbook("site.yml")
+    note("first deploy of 3 hosts (site.yml)", time.monotonic() - started)
+    assert set(recap(result.stdout)) >= {h.name for h in fleet.hosts}
+    rc, rows = probe(fleet, "--expect-commit", base_commit)
+    assert rc == 0, rows
+    assert [row["health"] for row in rows] == ["SERVING"] * 3
+    for host in fleet.hosts:
+        service = fleet.ssh(host, "systemctl show -p User,Type,ActiveState greeter").stdout
+        assert "User=greeter" in service
+        assert "Type=notify" in service
+        assert "ActiveState=active" in service
+
+
+def test_a_rerun_changes_nothing(fleet: LabSession) -> None:
+    started = time.monotonic()
+    result = fleet.playbook("playbooks/deploy.yml")
+    note("no-op rerun of 3 hosts (deploy.yml)", time.monotonic() - started)
+    counters = recap(result.stdout)
+    assert len(counters) == 3
+    assert all(c["changed"] == 0 for c in counters.values()), result.stdout
+
+
+def test_check_mode_on_the_deployed_fleet_reports_no_change(fleet: LabSession) -> None:
+    result = fleet.playbook("playbooks/deploy.yml", "--check", "--diff")
+    assert all(c["changed"] == 0 for c in recap(result.stdout).values()), result.stdout
+
+
+def test_a_rerun_notices_and_fixes_drift(fleet: LabSession, base_commit: str) -> None:
+    first, second = fleet.hosts[0], fleet.hosts[1]
+    fleet.ssh(
+        first, "sudo sed -i 's/^Restart=on-failure/Restart=no/' /etc/systemd/system/greeter.service"
+    )
+    fleet.ssh(second, "sudo systemctl stop greeter")
+    result = fleet.playbook("playbooks/deploy.yml")
+    counters = recap(result.stdout)
+    assert counters[first.name]["changed"] > 0
+    assert counters[second.name]["changed"] > 0
+    assert (
+        "Restart=on-failure" in fleet.ssh(first, "cat /etc/systemd/system/greeter.service").stdout
+    )
+    assert served_commits(fleet) == [base_commit] * 3
+
+
+def test_kill_9_of_the_service_is_restarted_by_systemd(fleet: LabSession) -> None:
+    host = fleet.hosts[2]
+    before = fleet.ssh(host, "systemctl show -p MainPID --value greeter").stdout.strip()
+    fleet.ssh(host, f"sudo kill -9 {before}")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        after = fleet.ssh(host, "systemctl show -p MainPID,ActiveState greeter").stdout
+        if "ActiveState=active" in after and f"MainPID={before}\n" not in after + "\n":
+            break
+        time.sleep(1)
+    else:
+        pytest.fail(f"greeter did not come back after kill -9: {after}")
+    rc, rows = probe(fleet)
+    assert rc == 0, rows
+
+
+def test_upgrade_under_load_fails_no_call(
+    fleet: LabSession, base_commit: str, tmp_path: Path
+) -> None:
+    new = push_commit(
+        fleet, tmp_path, "Upgrade marker", lambda clone: (clone / "UPGRADE").write_text("2\n")
+    )
+    with Load(fleet) as load:
+        time.sleep(3)
+        started = time.monotonic()
+        result = fleet.playbook(
+            "playbooks/deploy.yml",
+            "-e",
+            f"greeter_version={new}",
+            "-e",
+            '{"greeter_serial": [1, 2]}',
+        )
+        note("upgrade of 3 hosts under load (deploy.yml)", time.monotonic() - started)
+        time.sleep(3)
+    assert not load.problems, load.problems
+    assert load.calls > 100, load.reports
+    assert load.failed == 0, [r["errors"] for r in load.reports if r["errors"]]
+    assert batches(result.stdout) == [["greeter-1"], ["greeter-2", "greeter-3"]], result.stdout
+    assert served_commits(fleet) == [new] * 3
+    fleet.ssh(fleet.hosts[0], f"test -d /opt/greeter/releases/{base_commit}")
+    assert (
+        fleet.ssh(fleet.hosts[0], "readlink /opt/greeter/previous")
+        .stdout.strip()
+        .endswith(base_commit)
+    )
+
+
+def test_a_release_that_fails_health_is_rolled_back_and_stops_the_rollout(
+    fleet: LabSession, tmp_path: Path
+) -> None:
+    good = served_commits(fleet)[0]
+
+    def break_server(clone: Path) -> None:
+        server = clone / "service" / "src" / "greeter" / "server.py"
+        server.write_text(
+            server.read_text()
+            + "\n\ndef main(argv=None):  # a deliberately broken release\n"
+            + "    raise SystemExit('this release refuses to start')\n"
+        )
+
+    bad = push_commit(fleet, tmp_path, "Break the server", break_server)
+    result = fleet.playbook(
+        "playbooks/deploy.yml", "-e", f"greeter_version={bad}", "-e", "greeter_verify_timeout=5",
+        check=False,
+    )  # fmt: skip
+    output = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode != 0
+    assert f"release {bad} failed its health gate" in output
+    assert f"Rolled back to {good}" in output
+    counters = recap(result.stdout)
+    assert counters["greeter-1"]["failed"] == 1
+    assert batches(result.stdout) == [["greeter-1"]]  # nobody after the first host was touched
+    assert [current(fleet, i) for i in range(3)] == [good] * 3
+    assert served_commits(fleet) == [good] * 3
+
+
+def test_rollback_returns_the_fleet_to_the_previous_release(
+    fleet: LabSession, base_commit: str
+) -> None:
+    upgraded = served_commits(fleet)[0]
+    assert upgraded != base_commit
+    fleet.playbook("playbooks/rollback.yml")
+    assert served_commits(fleet) == [base_commit] * 3
+    # Rolling back again goes back to where we started, like `cd -`.
+    fleet.playbook("playbooks/rollback.yml", "--limit", "greeter-1")
+    assert served_commits(fleet) == [upgraded, base_commit, base_commit]
+    fleet.playbook("playbooks/rollback.yml", "-e", f"greeter_rollback_to={base_commit}")
+    assert served_commits(fleet) == [base_commit] * 3
+
+
+def test_a_host_lost_mid_rollout_is_reported_and_a_rerun_converges(
+    fleet: LabSession, tmp_path: Path
+) -> None:
+    new = push_commit(
+        fleet, tmp_path, "Another release", lambda clone: (clone / "UPGRADE").write_text("3\n")
+    )
+    veth = json.loads((fleet.state / "lab.json").read_text())["hosts"][2]["veth"]
+    env = dict(fleet.env)
+    # A dead peer must be noticed in seconds, not after TCP's retransmission timeout.
+    env["ANSIBLE_SSH_COMMON_ARGS"] = (
+        env.get("ANSIBLE_SSH_COMMON_ARGS", "")
+        + " -o ServerAliveInterval=2 -o ServerAliveCountMax=2"
+    )
+    args = ["ansible-playbook", "playbooks/deploy.yml", "-e", f"greeter_version={new}"]
+    args += ["-e", '{"greeter_serial": 1}']
+    env["ANSIBLE_SSH_CONTROL_PATH_DIR"] = str(tmp_path / "cp")  # no master without those options
+    lines: list[str] = []
+    with subprocess.Popen(
+        args, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    ) as play:
+        assert play.stdout is not None
+        for line in play.stdout:
+            lines.append(line)
+            # greeter-2's batch has begun: greeter-3 goes away before its turn comes.
+            if line.startswith("changed: [greeter-2]") and "Switch current" in "".join(lines[-4:]):
+                subprocess.run(["ip", "link", "set", veth, "down"], check=True)
+        rc = play.wait(timeout=600)
+    output = "".join(lines)
+    try:
+        assert rc != 0
+        assert re.search(r"greeter-3.*UNREACHABLE", output), output[-3000:]
+        assert recap(output)["greeter-3"]["unreachable"] == 1
+    finally:
+        subprocess.run(["ip", "link", "set", veth, "up"], check=True)
+    time.sleep(2)
+    assert [current(fleet, i) for i in range(2)] == [new, new]
+    old = current(fleet, 2)
+    assert old != new
+    assert served_commits(fleet) == [new, new, old]
+    fleet.playbook("playbooks/deploy.yml", "-e", f"greeter_version={new}")
+    assert served_commits(fleet) == [new] * 3
