@@ -173,11 +173,27 @@ def _channels(spec: LoadSpec) -> list[grpc.Channel]:
 
 
 def _wait_ready(channels: Sequence[grpc.Channel], timeout: float) -> None:
+    """Return once every channel is READY; fail fast if one cannot connect at all."""
     for channel in channels:
+        settled = threading.Event()
+        states: list[grpc.ChannelConnectivity] = []
+
+        def watch(state: grpc.ChannelConnectivity, states=states, settled=settled) -> None:
+            states.append(state)
+            if state in (
+                grpc.ChannelConnectivity.READY,
+                grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+            ):
+                settled.set()
+
+        channel.subscribe(watch, try_to_connect=True)
         try:
-            grpc.channel_ready_future(channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
-            raise ConnectError(f"no connection within {timeout:g} s") from None
+            if not settled.wait(timeout):
+                raise ConnectError(f"no connection within {timeout:g} s")
+            if states[-1] is not grpc.ChannelConnectivity.READY:
+                raise ConnectError("connection failed (refused, unreachable or TLS handshake)")
+        finally:
+            channel.unsubscribe(watch)
 
 
 def run_in_process(
@@ -331,6 +347,7 @@ def report(result: RunResult, spec: LoadSpec, procs: int = 1) -> dict[str, Any]:
     count = len(latencies)
     total_s = max(result.finished - result.started, 1e-9)
     codes: Counter = Counter({"OK": count - sum(result.failures.values())})
+    codes += Counter()  # drops a zero OK count
     errors: Counter = Counter()
     for (code, details), n in result.failures.items():
         codes[code] += n
