@@ -26,6 +26,7 @@ import sys
 import time
 import uuid
 import zlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -106,6 +107,11 @@ def log(message: str) -> None:
 
 def run(*args: str | Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([str(a) for a in args], check=check, text=True, **kwargs)
+
+
+def ip(command: str, check: bool = True) -> bool:
+    """One `ip` command; lab names and addresses are validated, so splitting on spaces is safe."""
+    return run("ip", *command.split(), check=check, capture_output=not check).returncode == 0
 
 
 def quiet(*args: str | Path) -> bool:
@@ -309,17 +315,8 @@ def refresh_mirror(lab: Lab) -> str:
     if not mirror.exists():
         run("git", "init", "--quiet", "--bare", "--initial-branch=main", mirror)
         (mirror / "git-daemon-export-ok").touch()
-    run(
-        "git",
-        "-C",
-        REPO,
-        "push",
-        "--quiet",
-        "--force",
-        mirror,
-        "HEAD:refs/heads/main",
-        "refs/tags/*:refs/tags/*",
-    )
+    refs = ["HEAD:refs/heads/main", "refs/tags/*:refs/tags/*"]
+    run("git", "-C", REPO, "push", "--quiet", "--force", mirror, *refs)
     lab.commit = git_head()
     lab.save()
     return lab.commit
@@ -348,6 +345,24 @@ def ensure_wheelhouse() -> Path:
     return house
 
 
+# ForceManaged: only the Remap-* archives below are served (403 for anything else), and an
+# empty PassThroughPattern allows no CONNECT tunnels.
+ACNG_CONF = """\
+CacheDir: {cache}
+LogDir: {conf}/log
+SupportDir: /usr/lib/apt-cacher-ng
+BindAddress: {bridge}
+Port: {port}
+SocketPath: {conf}/socket
+Remap-debrep: file:deb_mirror*.gz /debian ; file:backends_debian
+Remap-secdeb: security.debian.org security.debian.org/debian-security \
+  deb.debian.org/debian-security /debian-security ; deb.debian.org/debian-security
+ForceManaged: 1
+PassThroughPattern: ^$
+ExThreshold: 4
+"""
+
+
 def apt_proxy_config(lab: Lab) -> Path:
     """An apt-cacher-ng configuration that serves the Debian archive and nothing else."""
     conf = lab.state / "apt-cacher-ng"
@@ -356,57 +371,32 @@ def apt_proxy_config(lab: Lab) -> Path:
         path.mkdir(parents=True, exist_ok=True)
     (conf / "backends_debian").write_text(image_mirror().rstrip("/") + "/\n")
     (conf / "acng.conf").write_text(
-        f"CacheDir: {cache}\n"
-        f"LogDir: {conf / 'log'}\n"
-        "SupportDir: /usr/lib/apt-cacher-ng\n"
-        f"BindAddress: {lab.bridge_address}\n"
-        f"Port: {APT_PORT}\n"
-        f"SocketPath: {conf / 'socket'}\n"
-        "Remap-debrep: file:deb_mirror*.gz /debian ; file:backends_debian\n"
-        "Remap-secdeb: security.debian.org security.debian.org/debian-security"
-        " deb.debian.org/debian-security /debian-security ; deb.debian.org/debian-security\n"
-        "ForceManaged: 1\n"
-        "PassThroughPattern: ^$\n"
-        "ExThreshold: 4\n"
+        ACNG_CONF.format(cache=cache, conf=conf, bridge=lab.bridge_address, port=APT_PORT)
     )
     return conf
 
 
 def start_services(lab: Lab) -> None:
-    """apt proxy, git daemon and wheel server on the bridge address; the emulator on loopback."""
+    """The emulator on loopback; the apt proxy, git daemon and wheel server on the bridge only."""
     b = lab.bridge_address
-    logs = lab.state / "logs"
-    if not alive(lab.processes.get("emulator")):
-        if not EMULATOR.exists():
-            raise LabError(f"{EMULATOR} is missing")
-        spawn(
-            lab, "emulator",
-            [str(VENV_BIN / "python"), str(EMULATOR), "--port", str(lab.emulator_port)],
-            logs / "emulator.log",
-        )  # fmt: skip
-    if not alive(lab.processes.get("apt")):
-        conf = apt_proxy_config(lab)
-        spawn(
-            lab,
-            "apt",
-            ["apt-cacher-ng", "-c", str(conf), "ForeGround=1"],
-            logs / "apt-cacher-ng.log",
-        )
-    if not alive(lab.processes.get("git")):
-        spawn(
-            lab, "git",
-            ["git", "daemon", "--reuseaddr", "--verbose", f"--listen={b}", f"--port={GIT_PORT}",
-             f"--base-path={lab.state / 'git'}", str(lab.state / "git")],
-            logs / "git-daemon.log",
-        )  # fmt: skip
-    if not alive(lab.processes.get("wheels")):
-        house = ensure_wheelhouse()
-        spawn(
-            lab, "wheels",
-            [sys.executable, "-m", "http.server", "--bind", b, "--directory", str(house),
-             str(WHEEL_PORT)],
-            logs / "wheels.log",
-        )  # fmt: skip
+    git_root = str(lab.state / "git")
+    commands = {
+        "emulator": lambda: [
+            str(VENV_BIN / "python"), str(EMULATOR), "--port", str(lab.emulator_port),
+        ],
+        "apt": lambda: ["apt-cacher-ng", "-c", str(apt_proxy_config(lab)), "ForeGround=1"],
+        "git": lambda: [
+            "git", "daemon", "--reuseaddr", "--verbose", f"--listen={b}", f"--port={GIT_PORT}",
+            f"--base-path={git_root}", git_root,
+        ],
+        "wheels": lambda: [
+            sys.executable, "-m", "http.server", "--bind", b,
+            "--directory", str(ensure_wheelhouse()), str(WHEEL_PORT),
+        ],
+    }  # fmt: skip
+    for role, command in commands.items():
+        if not alive(lab.processes.get(role)):
+            spawn(lab, role, command(), lab.state / "logs" / f"{role}.log")
 
 
 # --- hosts ---------------------------------------------------------------------------------------
@@ -421,27 +411,47 @@ def cgroup_name(lab: Lab, host: Host) -> str:
 
 
 def make_network(lab: Lab) -> None:
-    run("ip", "link", "add", lab.bridge, "type", "bridge")
-    run(
-        "ip",
-        "addr",
-        "add",
-        f"{lab.bridge_address}/{ipaddress.ip_network(lab.subnet).prefixlen}",
-        "dev",
-        lab.bridge,
-    )
-    run("ip", "link", "set", lab.bridge, "up")
+    prefix = ipaddress.ip_network(lab.subnet).prefixlen
+    ip(f"link add {lab.bridge} type bridge")
+    ip(f"addr add {lab.bridge_address}/{prefix} dev {lab.bridge}")
+    ip(f"link set {lab.bridge} up")
 
 
 def make_host_network(lab: Lab, host: Host) -> None:
     """A network namespace whose only way out is a veth to the lab bridge: no default route."""
     prefix = ipaddress.ip_network(lab.subnet).prefixlen
-    run("ip", "netns", "add", host.netns)
-    run("ip", "link", "add", host.veth, "type", "veth", "peer", "name", "eth0", "netns", host.netns)
-    run("ip", "link", "set", host.veth, "master", lab.bridge, "up")
-    run("ip", "-n", host.netns, "addr", "add", f"{host.address}/{prefix}", "dev", "eth0")
-    run("ip", "-n", host.netns, "link", "set", "eth0", "up")
-    run("ip", "-n", host.netns, "link", "set", "lo", "up")
+    ip(f"netns add {host.netns}")
+    ip(f"link add {host.veth} type veth peer name eth0 netns {host.netns}")
+    ip(f"link set {host.veth} master {lab.bridge} up")
+    ip(f"-n {host.netns} addr add {host.address}/{prefix} dev eth0")
+    ip(f"-n {host.netns} link set eth0 up")
+    ip(f"-n {host.netns} link set lo up")
+
+
+HOST_APT_PROXY = """\
+// Written by lab/lab: the lab's apt-cacher-ng on the bridge (the Debian archive only).
+Acquire::http::Proxy "http://{bridge}:{apt_port}";
+"""
+
+HOST_PIP_CONF = """\
+# Written by lab/lab: the lab's wheelhouse on the bridge. Real hosts use PyPI, or a wheelhouse
+# of their own in private subnets.
+[global]
+no-index = true
+find-links = http://{bridge}:{wheel_port}/
+trusted-host = {bridge}
+disable-pip-version-check = true
+"""
+
+HOST_HOSTS = """\
+127.0.0.1\tlocalhost
+127.0.1.1\t{name}
+::1\tlocalhost ip6-localhost ip6-loopback
+"""
+
+
+def keygen(path: Path, comment: str) -> None:
+    run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", path)
 
 
 def prepare_root(lab: Lab, host: Host, image: Path) -> None:
@@ -455,25 +465,17 @@ def prepare_root(lab: Lab, host: Host, image: Path) -> None:
     )  # fmt: skip
     root = d / "root"
     (root / "etc/hostname").write_text(f"{host.name}\n")
-    (root / "etc/hosts").write_text(
-        f"127.0.0.1\tlocalhost\n127.0.1.1\t{host.name}\n::1\tlocalhost ip6-localhost\n"
-    )
+    (root / "etc/hosts").write_text(HOST_HOSTS.format(name=host.name))
     (root / "etc/machine-id").write_text(uuid.uuid4().hex + "\n")
     key = root / "etc/ssh/ssh_host_ed25519_key"
-    run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{host.name}", "-f", key)
+    keygen(key, f"root@{host.name}")
     ssh = root / "home/ubuntu/.ssh"
     shutil.copy(lab.state / "ssh" / "id_ed25519.pub", ssh / "authorized_keys")
     os.chown(ssh / "authorized_keys", 1000, 1000)
     os.chmod(ssh / "authorized_keys", 0o600)
-    b = lab.bridge_address
-    (root / "etc/apt/apt.conf.d/80lab-proxy").write_text(
-        f'// The lab\'s apt-cacher-ng on the bridge: the Debian archive only.\nAcquire::http::Proxy "http://{b}:{APT_PORT}";\n'
-    )
-    (root / "etc/pip.conf").write_text(
-        "# The lab's wheelhouse on the bridge; real hosts use PyPI (or their own wheelhouse).\n"
-        f"[global]\nno-index = true\nfind-links = http://{b}:{WHEEL_PORT}/\ntrusted-host = {b}\n"
-        "disable-pip-version-check = true\n"
-    )
+    sources = {"bridge": lab.bridge_address, "apt_port": APT_PORT, "wheel_port": WHEEL_PORT}
+    (root / "etc/apt/apt.conf.d/80lab-proxy").write_text(HOST_APT_PROXY.format(**sources))
+    (root / "etc/pip.conf").write_text(HOST_PIP_CONF.format(**sources))
     public = Path(f"{key}.pub").read_text().split()[:2]
     with (lab.state / "ssh" / "known_hosts").open("a") as out:
         out.write(f"{host.address} {' '.join(public)}\n")
@@ -555,14 +557,8 @@ def wait_ssh(lab: Lab, timeout: float = 60.0) -> None:
     while pending:
         for host in list(pending.values()):
             check_route(host.address, lab.bridge)
-            probe = run(
-                *ssh_command(lab, host),
-                "-o",
-                "ConnectTimeout=1",
-                "true",
-                check=False,
-                capture_output=True,
-            )
+            argv = [*ssh_command(lab, host), "-o", "ConnectTimeout=1", "true"]
+            probe = run(*argv, check=False, capture_output=True)
             if probe.returncode == 0:
                 del pending[host.name]
         if pending and time.monotonic() > deadline:
@@ -695,6 +691,15 @@ def is_up(lab: Lab) -> bool:
     )
 
 
+@contextlib.contextmanager
+def lab_lock() -> Iterator[None]:
+    """One `up` or `down` at a time per lab name."""
+    LAB_ROOT.mkdir(exist_ok=True)
+    with (LAB_ROOT / f"{lab_name()}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def cmd_up(count: int) -> None:
     name = lab_name()
     if os.geteuid() != 0:
@@ -719,18 +724,7 @@ def cmd_up(count: int) -> None:
     try:
         booted = time.monotonic()
         (lab.state / "ssh").mkdir(mode=0o700)
-        run(
-            "ssh-keygen",
-            "-q",
-            "-t",
-            "ed25519",
-            "-N",
-            "",
-            "-C",
-            f"lab-{name}",
-            "-f",
-            lab.state / "ssh" / "id_ed25519",
-        )
+        keygen(lab.state / "ssh" / "id_ed25519", f"lab-{name}")
         (lab.state / "ssh" / "known_hosts").touch()
         make_network(lab)
         for host in lab.hosts:
@@ -747,18 +741,15 @@ def cmd_up(count: int) -> None:
         write_inventory(lab)
         wait_ssh(lab)
         wait_port("127.0.0.1", lab.emulator_port, 60, "the AWS emulator")
-        for port, what in (
-            (APT_PORT, "apt-cacher-ng"),
-            (GIT_PORT, "git daemon"),
-            (WHEEL_PORT, "wheel server"),
-        ):
+        servers = {APT_PORT: "apt-cacher-ng", GIT_PORT: "git daemon", WHEEL_PORT: "wheel server"}
+        for port, what in servers.items():
             wait_port(lab.bridge_address, port, 10, what)
     except BaseException:
         log(f"up failed; see {lab.state}/logs and {lab.state}/hosts, then run `lab/lab down`")
         raise
     log(
-        f"lab {name} up: {count} hosts SSH-ready {time.monotonic() - booted:.1f}s after boot "
-        f'({time.monotonic() - started:.1f}s in all); `eval "$(lab/lab env)"` to use it'
+        f"lab {name} up: {count} hosts SSH-ready {time.monotonic() - booted:.1f}s after the image "
+        f'was ready ({time.monotonic() - started:.1f}s in all); `eval "$(lab/lab env)"` to use it'
     )
 
 
@@ -793,8 +784,8 @@ def cmd_down() -> None:
         root = host_dir(lab, host) / "root"
         if os.path.ismount(root) and not quiet("umount", root):
             quiet("umount", "--lazy", root)
-        quiet("ip", "link", "del", host.veth)
-        quiet("ip", "netns", "del", host.netns)
+        ip(f"link del {host.veth}", check=False)  # first: `netns del` is asynchronous
+        ip(f"netns del {host.netns}", check=False)
         deadline = time.monotonic() + 2
         while cgroup_pids(cgroup_name(lab, host)) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -802,7 +793,7 @@ def cmd_down() -> None:
         for leftover in ("propagate", "unix-export"):
             with contextlib.suppress(OSError):
                 shutil.rmtree(Path("/run/systemd/nspawn") / leftover / host.machine)
-    quiet("ip", "link", "del", lab.bridge)
+    ip(f"link del {lab.bridge}", check=False)
     for leftover in ("locks", "propagate", ""):  # nspawn's own bookkeeping, once no lab uses it
         with contextlib.suppress(OSError):
             (Path("/run/systemd/nspawn") / leftover).rmdir()
@@ -866,9 +857,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
-            cmd_up(args.count)
+            with lab_lock():
+                cmd_up(args.count)
         elif args.command == "down":
-            cmd_down()
+            with lab_lock():
+                cmd_down()
         elif args.command == "status":
             return cmd_status()
         elif args.command == "env":
