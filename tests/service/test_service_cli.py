@@ -256,6 +256,8 @@ def test_bench_fails_no_call_while_a_fleet_server_drains(server_factory):
     time.sleep(1.5)
     fleet[0].signal(signal.SIGTERM)  # a rolling restart takes this host out under load
     assert fleet[0].process.wait(20) == 0
+    # The bench's health Watch streams were ended at stop: no waiting out the 10 s grace.
+    assert fleet[0].wait_event("stopped")["seconds"] < 5
     out, err = bench.communicate(timeout=60)
     report = json.loads(out)
     assert bench.returncode == 0, report["errors"]

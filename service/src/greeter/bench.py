@@ -280,7 +280,8 @@ def run_processes(spec: LoadSpec, procs: int, progress: "Progress") -> RunResult
         for child in children:
             child.join(5)
     errors = [part[1] for part in parts if isinstance(part[1], Exception)]
-    if errors:
+    if errors:  # the cause, not the other processes' broken barrier
+        errors.sort(key=lambda error: isinstance(error, threading.BrokenBarrierError))
         raise errors[0]
     latencies = array.array("d")
     failures: Counter = Counter()
