@@ -1,11 +1,12 @@
 """``greeter bench``: a load generator in the spirit of ghz, for one server or a fleet.
 
 How it loads: ``-c`` calls are kept in flight at all times, spread over ``--connections``
-channels (each its own TCP connection). Each finished call starts the next one from its
-completion callback (``stub.SayHello.future``), so no Python thread waits per call; that is
-the fastest pattern of gRPC Python's client measured here. ``--procs P`` splits the calls,
-the concurrency and the connections over P processes and merges their latencies, for when
-one Python process cannot keep up with the servers.
+channels (each its own TCP connection), by ``-c`` asyncio tasks on ``grpc.aio`` channels, each
+starting its next call as soon as the previous one ends. Measured here against one server, that
+cost the server ~10% less CPU per call than completion callbacks on ``stub.SayHello.future``
+(more calls arrive together) and the client no more, so it got closer to h2load.
+``--procs P`` splits the calls, the concurrency and the connections over P processes and merges
+their latencies, for when one Python process cannot keep up with the servers.
 
 Several targets become one channel per connection with gRPC's round_robin over every address,
 client-side health checking (a draining server, NOT_SERVING, stops getting calls) and a retry
@@ -16,6 +17,7 @@ the latency figures include failed calls, as ghz does; ``status_codes`` splits t
 """
 
 import array
+import asyncio
 import dataclasses
 import itertools
 import math
@@ -31,7 +33,7 @@ import grpc
 
 from greeter import hello_pb2 as pb
 from greeter import hello_pb2_grpc as pb_grpc
-from greeter.client import FLEET_SERVICE_CONFIG, Target, Tls, fleet_uri, open_channel
+from greeter.client import FLEET_SERVICE_CONFIG, Target, Tls, fleet_uri, open_aio_channel
 
 PERCENTILES = (10, 25, 50, 75, 90, 95, 99)
 HISTOGRAM_BUCKETS = 10
@@ -108,114 +110,80 @@ class _Load:
         self._deadline = deadline
         self._claims = itertools.count()
         self._end = math.inf
-        self._active = concurrency
-        self._lock = threading.Lock()
-        self._done = threading.Event()
         self.latencies: list[float] = []
         self.failures: list[tuple[str, str]] = []
-        self.started = self.finished = 0.0
 
-    def run(self) -> RunResult:
-        self.started = time.monotonic()
+    async def run(self) -> RunResult:
+        started = time.monotonic()
         if self._duration is not None:
             self._end = time.perf_counter() + self._duration
-        if self._concurrency == 0:
-            self._done.set()
-        for slot in range(self._concurrency):
-            self._next(self._calls[slot % len(self._calls)])
-        self._done.wait()
-        failures = Counter(self.failures)
-        return RunResult(array.array("d", self.latencies), failures, self.started, self.finished)
+        calls = self._calls
+        await asyncio.gather(*(self._loop(calls[i % len(calls)]) for i in range(self._concurrency)))
+        finished = time.monotonic()
+        return RunResult(
+            array.array("d", self.latencies), Counter(self.failures), started, finished
+        )
 
-    def _next(self, call: Any) -> None:
-        while True:
-            if (self._total is not None and next(self._claims) >= self._total) or (
-                time.perf_counter() >= self._end
-            ):
-                self._retire()
-                return
-            started = time.perf_counter()
-            future = call.future(self._request, timeout=self._deadline)
-            if not future.done():
-                future.add_done_callback(lambda f, s=started, c=call: self._finished(f, s, c))
-                return
-            self._record(future, started)  # failed at once: loop instead of recursing
-
-    def _finished(self, future: Any, started: float, call: Any) -> None:
-        self._record(future, started)
-        self._next(call)
-
-    def _record(self, future: Any, started: float) -> None:
-        self.latencies.append(time.perf_counter() - started)
-        code = future.code()
-        if code is not grpc.StatusCode.OK:
-            self.failures.append((code.name, future.details() or ""))
-
-    def _retire(self) -> None:
-        with self._lock:
-            self._active -= 1
-            if self._active == 0:
-                self.finished = time.monotonic()
-                self._done.set()
+    async def _loop(self, call: Any) -> None:
+        """One slot: call after call, each started as soon as the previous one ends."""
+        request, deadline, total, end = self._request, self._deadline, self._total, self._end
+        latencies, claims, clock = self.latencies, self._claims, time.perf_counter
+        while (total is None or next(claims) < total) and clock() < end:
+            started = clock()
+            try:
+                await call(request, timeout=deadline)
+            except grpc.aio.AioRpcError as error:
+                self.failures.append((error.code().name, error.details() or ""))
+            latencies.append(clock() - started)
 
     def progress(self) -> int:
         return len(self.latencies)
 
 
-def _channels(spec: LoadSpec) -> list[grpc.Channel]:
+def _channels(spec: LoadSpec) -> list[grpc.aio.Channel]:
     options: list[tuple[str, object]] = [("grpc.use_local_subchannel_pool", 1)]
     if spec.fleet:
         uri = fleet_uri(spec.targets)
         options.append(("grpc.service_config", FLEET_SERVICE_CONFIG))
     else:
         uri = str(spec.targets[0])
-    return [open_channel(uri, spec.tls, options) for _ in range(spec.connections)]
+    return [open_aio_channel(uri, spec.tls, options) for _ in range(spec.connections)]
 
 
-def _wait_ready(channels: Sequence[grpc.Channel], timeout: float) -> None:
+async def _wait_ready(channels: Sequence[grpc.aio.Channel], timeout: float) -> None:
     """Return once every channel is READY; fail fast if one cannot connect at all."""
+    deadline = time.monotonic() + timeout
     for channel in channels:
-        settled = threading.Event()
-        states: list[grpc.ChannelConnectivity] = []
-
-        def watch(state: grpc.ChannelConnectivity, states=states, settled=settled) -> None:
-            states.append(state)
-            if state in (
-                grpc.ChannelConnectivity.READY,
-                grpc.ChannelConnectivity.TRANSIENT_FAILURE,
-            ):
-                settled.set()
-
-        channel.subscribe(watch, try_to_connect=True)
-        try:
-            if not settled.wait(timeout):
-                raise ConnectError(f"no connection within {timeout:g} s")
-            if states[-1] is not grpc.ChannelConnectivity.READY:
+        state = channel.get_state(try_to_connect=True)
+        while state is not grpc.ChannelConnectivity.READY:
+            if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
                 raise ConnectError("connection failed (refused, unreachable or TLS handshake)")
-        finally:
-            channel.unsubscribe(watch)
+            try:
+                await asyncio.wait_for(
+                    channel.wait_for_state_change(state), deadline - time.monotonic()
+                )
+            except asyncio.TimeoutError:
+                raise ConnectError(f"no connection within {timeout:g} s") from None
+            state = channel.get_state(try_to_connect=True)
 
 
-def run_in_process(
+async def _run_async(
     spec: LoadSpec,
-    on_start: Callable[[Callable[[], int]], None] | None = None,
-    before_load: Callable[[], None] | None = None,
+    on_start: Callable[[Callable[[], int]], None] | None,
+    before_load: Callable[[], None] | None,
 ) -> RunResult:
-    """Run ``spec`` in this process: connect, warm up, then measure."""
     channels = _channels(spec)
     try:
-        _wait_ready(channels, spec.connect_timeout)
+        await _wait_ready(channels, spec.connect_timeout)
         stubs = [pb_grpc.GreeterStub(channel) for channel in channels]
         request = pb.Mensagem(nome=spec.name)
         if spec.warmup_calls or spec.warmup_seconds:
-            warmup_total = spec.warmup_calls if spec.warmup_calls else None
-            warmup_time = spec.warmup_seconds if not spec.warmup_calls else None
-            _Load(
+            await _Load(
                 stubs,
                 request,
                 concurrency=spec.concurrency,
-                total=warmup_total,
-                duration=warmup_time,
+                total=spec.warmup_calls or None,
+                duration=None if spec.warmup_calls else spec.warmup_seconds,
                 deadline=spec.deadline,
             ).run()
         if before_load:
@@ -230,10 +198,19 @@ def run_in_process(
         )
         if on_start:
             on_start(load.progress)
-        return load.run()
+        return await load.run()
     finally:
         for channel in channels:
-            channel.close()
+            await channel.close()
+
+
+def run_in_process(
+    spec: LoadSpec,
+    on_start: Callable[[Callable[[], int]], None] | None = None,
+    before_load: Callable[[], None] | None = None,
+) -> RunResult:
+    """Run ``spec`` in this process: connect, warm up, then measure."""
+    return asyncio.run(_run_async(spec, on_start, before_load))
 
 
 def _child(spec: LoadSpec, index: int, parts: int, shared: tuple[Any, Any, Any]) -> None:
