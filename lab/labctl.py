@@ -46,6 +46,7 @@ STACK = "greeter"
 SSH_USER = "ubuntu"
 CGROUP_ROOTS = (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"))
 STOP_TIMEOUT = 8.0
+HOST_STOP_TIMEOUT = 3.0  # a clean power-off first; these hosts are thrown away anyway
 
 
 class LabError(Exception):
@@ -165,12 +166,18 @@ def spawn(lab: Lab, role: str, args: list[str], logfile: Path, **kwargs) -> None
     lab.save()
 
 
+def terminate(records: list[list[int]]) -> None:
+    """SIGTERM the lab's own processes, only if PID and start time still match."""
+    for record in records:
+        if alive(record):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(record[0], signal.SIGTERM)
+
+
 def stop(records: list[list[int]], timeout: float = STOP_TIMEOUT) -> None:
-    """SIGTERM the lab's own processes (only if PID and start time still match), then SIGKILL."""
+    """SIGTERM the lab's own processes, give them `timeout` seconds, then SIGKILL."""
     live = [r for r in records if alive(r)]
-    for pid, _ in live:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+    terminate(live)
     deadline = time.monotonic() + timeout
     while any(alive(r) for r in live) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -404,6 +411,15 @@ def start_services(lab: Lab) -> None:
 
 def host_dir(lab: Lab, host: Host) -> Path:
     return lab.state / "hosts" / host.name
+
+
+def mount_host_tmpfs(lab: Lab) -> None:
+    """Keep what the hosts write (their overlay upper dirs) in memory: a disposable host's
+    writes never need to reach the disk, and `down` then has nothing to flush or delete."""
+    hosts = lab.state / "hosts"
+    hosts.mkdir(exist_ok=True)
+    size = os.environ.get("LAB_HOSTS_TMPFS_SIZE", "16g")
+    run("mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", f"lab-{lab.name}", hosts)
 
 
 def cgroup_name(lab: Lab, host: Host) -> str:
@@ -727,6 +743,7 @@ def cmd_up(count: int) -> None:
         keygen(lab.state / "ssh" / "id_ed25519", f"lab-{name}")
         (lab.state / "ssh" / "known_hosts").touch()
         make_network(lab)
+        mount_host_tmpfs(lab)
         for host in lab.hosts:
             check_route(host.address, lab.bridge)
             make_host_network(lab, host)
@@ -770,16 +787,16 @@ def cmd_down() -> None:
         return
     started = time.monotonic()
     close_ssh_masters(lab)
-    hosts = [
-        lab.processes[f"host-{h.index}"] for h in lab.hosts if f"host-{h.index}" in lab.processes
-    ]
-    stop(hosts)
+    services = [r for role, r in lab.processes.items() if not role.startswith("host-")]
+    terminate(services)  # they stop while the hosts power off
+    hosts = [r for role, r in lab.processes.items() if role.startswith("host-")]
+    stop(hosts, HOST_STOP_TIMEOUT)
     for host in lab.hosts:  # anything left in a host's cgroups was started by that host
         cgroup = cgroup_name(lab, host)
         for pid in cgroup_pids(cgroup):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-    stop([r for role, r in lab.processes.items() if not role.startswith("host-")])
+    stop(services)
     for host in lab.hosts:
         root = host_dir(lab, host) / "root"
         if os.path.ismount(root) and not quiet("umount", root):
@@ -793,6 +810,9 @@ def cmd_down() -> None:
         for leftover in ("propagate", "unix-export"):
             with contextlib.suppress(OSError):
                 shutil.rmtree(Path("/run/systemd/nspawn") / leftover / host.machine)
+    hosts = lab.state / "hosts"
+    if os.path.ismount(hosts) and not quiet("umount", hosts):
+        quiet("umount", "--lazy", hosts)
     ip(f"link del {lab.bridge}", check=False)
     for leftover in ("locks", "propagate", ""):  # nspawn's own bookkeeping, once no lab uses it
         with contextlib.suppress(OSError):

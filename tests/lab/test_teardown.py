@@ -67,7 +67,7 @@ def test_lab_down_leaves_nothing_behind(
     tdown = extra_lab(NAME, 2)
     try:
         up = footprint(prefix, state)
-        assert len(up["mounts"]) == 2
+        assert len(up["mounts"]) == 3  # the hosts' tmpfs and an overlay per host
         assert len(up["netns"]) == 2
         assert len(up["links"]) == 3  # the bridge and one veth per host
         assert up["cgroups"]
