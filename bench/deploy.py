@@ -77,6 +77,7 @@ class Lab:
         self.name = name
         self.state = REPO / ".lab" / name
         self.env: dict[str, str] = {}
+        self.commit = ""
 
     def _lab(self, *args: str) -> str:
         env = {**os.environ, "LAB_NAME": self.name}
@@ -100,6 +101,8 @@ class Lab:
                 self.env[key] = value
         if "ANSIBLE_INVENTORY" not in self.env:
             raise BenchError("lab/lab env printed no ANSIBLE_INVENTORY")
+        # `up` publishes the repository's HEAD, which other commits may have moved since.
+        self.commit = _out(["git", "-C", str(self.mirror()), "rev-parse", "main"], dict(os.environ))
         return time.monotonic() - started
 
     def down(self) -> None:
@@ -203,10 +206,11 @@ class Runner:
         seconds = time.monotonic() - started
         log = self.cfg.log_dir / f"deploy-{self.count:02d}-{scenario}-{config}.log"
         log.write_text(done.stdout + done.stderr)
-        recap = {h: c for h, c in parse_recap(done.stdout).items() if h in self.lab.addresses()}
+        hosts = self.lab.addresses()
+        recap = {h: c for h, c in parse_recap(done.stdout).items() if h in hosts}
         if done.returncode != 0 or any(c["failed"] or c["unreachable"] for c in recap.values()):
             raise BenchError(f"{scenario} with the {config} settings failed; see {log}")
-        if len(recap) != len(self.lab.addresses()):
+        if len(recap) != len(hosts):
             raise BenchError(f"{scenario}: the recap lists {sorted(recap)}; see {log}")
         changed = sum(c["changed"] for c in recap.values())
         print(
@@ -214,7 +218,13 @@ class Runner:
             file=sys.stderr,
             flush=True,
         )
-        return {"seconds": seconds, "changed": changed, "hosts": len(recap), "log": str(log)}
+        return {
+            "seconds": seconds,
+            "changed": changed,
+            "hosts": len(recap),
+            "commit": self.lab.commit,
+            "log": str(log),
+        }
 
     def verify(self, commit: str) -> None:
         """Every host answers SayHello and reports the wanted commit (greeter probe)."""
@@ -237,7 +247,7 @@ def drift_check(lab: Lab, runner: Runner, commit: str) -> dict:
     result = runner.play("project", "drift")
     active = lab.ssh(stopped, "systemctl is-active greeter.service || true").strip()
     unit_text = lab.ssh(edited, f"cat {shlex.quote(unit)}")
-    runner.verify(commit)
+    runner.verify(lab.commit)
     result["repaired"] = (
         active == "active" and DRIFT_MARK not in unit_text and result["changed"] > 0
     )
@@ -258,20 +268,19 @@ class Results:
 def three_hosts(lab: Lab, runner: Runner, cfg: Config, res: Results) -> None:
     """First deploy, interleaved no-op reruns, the drift check and upgrades, on 3 hosts."""
     res.extra["lab_up_3_seconds"] = lab.up(3)
-    commit = _out(["git", "-C", str(lab.mirror()), "rev-parse", "main"], dict(os.environ))
     cache = REPO / ".lab" / "cache" / f"apt-{lab.name}"
     if "first" in cfg.scenarios and not any(cache.glob("*")):
         # First run on this machine: fill the package caches, then start over on new hosts.
         res.extra["priming_seconds"] = runner.play("project", "prime")["seconds"]
         lab.up(3)
     res.record("first", "project", runner.play("project", "first"))
-    runner.verify(commit)
+    runner.verify(lab.commit)
     if "noop3" in cfg.scenarios:
         for _ in range(cfg.rounds):
             for config in CONFIGS:
                 res.record("noop3", config, runner.play(config, "noop3"))
-        runner.verify(commit)
-        res.extra["drift"] = drift_check(lab, runner, commit)
+        runner.verify(lab.commit)
+        res.extra["drift"] = drift_check(lab, runner, lab.commit)
     if "upgrade" in cfg.scenarios:
         for config in CONFIGS:
             branch, new = lab.upgrade_branch(f"upgrade-{config}")
@@ -281,19 +290,18 @@ def three_hosts(lab: Lab, runner: Runner, cfg: Config, res: Results) -> None:
     if "first" in cfg.scenarios:
         lab.up(3)
         res.record("first", "baseline", runner.play("baseline", "first"))
-        runner.verify(commit)
+        runner.verify(lab.commit)
 
 
 def nine_hosts(lab: Lab, runner: Runner, cfg: Config, res: Results) -> None:
     """Deploy 9 hosts, then interleaved no-op reruns."""
     res.extra["lab_up_9_seconds"] = lab.up(9)
-    commit = _out(["git", "-C", str(lab.mirror()), "rev-parse", "main"], dict(os.environ))
     res.extra["first9_project"] = runner.play("project", "first9")
-    runner.verify(commit)
+    runner.verify(lab.commit)
     for _ in range(cfg.rounds):
         for config in CONFIGS:
             res.record("noop9", config, runner.play(config, "noop9"))
-    runner.verify(commit)
+    runner.verify(lab.commit)
 
 
 def run_all(cfg: Config) -> Results:
