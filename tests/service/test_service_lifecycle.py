@@ -157,3 +157,13 @@ def test_a_dead_worker_stops_the_whole_server_with_status_1(server_factory):
     assert (exited["worker_pid"], exited["exitcode"], exited["level"]) == (victim, -9, "error")
     with pytest.raises(ProcessLookupError):
         os.kill(survivor, 0)  # the supervisor stopped (and reaped) the other worker too
+
+
+def test_a_stale_notify_socket_is_logged_not_fatal(server_factory, tmp_path):
+    stale = str(tmp_path / "gone.sock")
+    server = server_factory("--workers", "1", env=clean_env(NOTIFY_SOCKET=stale))
+    failed = server.wait_event("notify_failed")
+    assert (failed["level"], failed["state"]) == ("warning", "READY=1")
+    channel, stub = fresh_stub(server.target)
+    with channel:
+        assert stub.SayHello(pb.Mensagem(nome="still"), timeout=5).texto == "Olá, still!"

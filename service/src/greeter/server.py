@@ -193,6 +193,11 @@ def build_server(settings: config.ServerConfig, tls: TlsFiles) -> tuple[grpc.Ser
     return server, health_servicer
 
 
+def _notify(state: str) -> None:
+    if not sdnotify.notify(state) and os.environ.get("NOTIFY_SOCKET"):
+        logs.event(log, "notify_failed", level=logging.WARNING, state=state)
+
+
 def _stop_event() -> threading.Event:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -242,11 +247,11 @@ def run_single(settings: config.ServerConfig, tls: TlsFiles) -> int:
     """One process serves: the simplest shape, and what ``--workers 1`` means."""
 
     def ready() -> None:
-        sdnotify.notify("READY=1")
+        _notify("READY=1")
         logs.event(log, "serving", **_serving_fields(settings, tls))
 
     def stopping() -> None:
-        sdnotify.notify("STOPPING=1")
+        _notify("STOPPING=1")
         logs.event(log, "draining", drain_delay=settings.drain_delay, grace=settings.grace)
 
     serve(settings, tls, ready, stopping)
@@ -313,7 +318,7 @@ def supervise(settings: config.ServerConfig, tls: TlsFiles) -> int:
             else:
                 waiting.remove(item)
                 if _worker_ready(item) and not waiting:
-                    sdnotify.notify("READY=1")
+                    _notify("READY=1")
                     logs.event(
                         log,
                         "serving",
@@ -335,7 +340,7 @@ def _stop_workers(
     settings: config.ServerConfig, workers: list[multiprocessing.process.BaseProcess], status: int
 ) -> int:
     started = time.monotonic()
-    sdnotify.notify("STOPPING=1")
+    _notify("STOPPING=1")
     logs.event(
         log,
         "draining",
