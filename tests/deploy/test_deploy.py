@@ -105,7 +105,7 @@ def batches(output: str) -> list[list[str]]:
             match = re.match(r"^(?:ok|changed): \[(\S+)\]", line)
             if match:
                 collecting.append(match[1])
-    return found
+    return [sorted(batch) for batch in found]
 
 
 class Load:
@@ -272,6 +272,7 @@ def test_upgrade_under_load_fails_no_call(
     assert not load.problems, load.problems
     assert load.calls > 100, load.reports
     assert load.failed == 0, [r["errors"] for r in load.reports if r["errors"]]
+    # One host first, then the other two, in name order (deploy.yml: order: sorted).
     assert batches(result.stdout) == [["greeter-1"], ["greeter-2", "greeter-3"]], result.stdout
     assert served_commits(fleet) == [new] * 3
     fleet.ssh(fleet.hosts[0], f"test -d /opt/greeter/releases/{base_commit}")

@@ -10,8 +10,11 @@ they would produce. It never decides anything itself: the role compares and acts
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import re
+import stat
 
 from ansible.module_utils.basic import AnsibleModule
 
@@ -41,6 +44,17 @@ options:
     description: systemd unit whose state is reported in RV(service).
     type: str
     default: greeter.service
+  files:
+    description: Paths whose type, owner, group, mode and SHA-1 are reported in RV(files).
+    type: list
+    elements: path
+    default: []
+  user:
+    description: Account whose passwd entry is reported in RV(account).
+    type: str
+  group:
+    description: Group whose existence is reported in RV(account).
+    type: str
 author: greeter project
 """
 
@@ -86,6 +100,19 @@ systemd_version:
   type: int
 os:
   description: C(ID) and C(VERSION_ID) from /etc/os-release.
+  returned: always
+  type: dict
+current_target:
+  description: Where C(current) points, verbatim, or null.
+  returned: always
+  type: str
+files:
+  description: Actual C(state) (absent, file, directory, link, other), C(owner), C(group), C(mode)
+    and C(checksum) of each path of O(files).
+  returned: always
+  type: dict
+account:
+  description: C(user) (passwd fields of O(user) or null) and C(group_exists).
   returned: always
   type: dict
 """
@@ -140,6 +167,53 @@ def _systemd(module: AnsibleModule, unit: str) -> tuple[int, dict]:
     return (int(match.group(1)) if match else 0), service
 
 
+def _file(module: AnsibleModule, path: str) -> dict:
+    """What the file, copy and template modules compare: type, ownership, mode, content."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return {"state": "absent"}
+    kinds = {stat.S_IFREG: "file", stat.S_IFDIR: "directory", stat.S_IFLNK: "link"}
+    found = {
+        "state": kinds.get(stat.S_IFMT(info.st_mode), "other"),
+        "owner": _name(pwd.getpwuid, info.st_uid),
+        "group": _name(grp.getgrgid, info.st_gid),
+        "mode": f"{stat.S_IMODE(info.st_mode):04o}",
+    }
+    if found["state"] == "file":
+        found["checksum"] = module.sha1(path)
+    return found
+
+
+def _name(lookup, number: int) -> str:
+    try:
+        return lookup(number)[0]
+    except KeyError:
+        return str(number)
+
+
+def _account(user: str | None, group: str | None) -> dict:
+    found: dict = {"user": None, "group_exists": False}
+    if user:
+        try:
+            entry = pwd.getpwnam(user)
+            found["user"] = {
+                "uid": entry.pw_uid,
+                "group": _name(grp.getgrgid, entry.pw_gid),
+                "home": entry.pw_dir,
+                "shell": entry.pw_shell,
+            }
+        except KeyError:
+            pass
+    if group:
+        try:
+            grp.getgrnam(group)
+            found["group_exists"] = True
+        except KeyError:
+            pass
+    return found
+
+
 def _os_release() -> dict:
     info = {"ID": "", "VERSION_ID": ""}
     try:
@@ -160,6 +234,9 @@ def main() -> None:
             "commit": {"type": "str"},
             "packages": {"type": "list", "elements": "str", "default": []},
             "unit": {"type": "str", "default": "greeter.service"},
+            "files": {"type": "list", "elements": "path", "default": []},
+            "user": {"type": "str"},
+            "group": {"type": "str"},
         },
         supports_check_mode=True,
     )
@@ -167,9 +244,11 @@ def main() -> None:
     commit = module.params["commit"]
     releases = _releases(root)
     systemd_version, service = _systemd(module, module.params["unit"])
+    current = os.path.join(root, "current")
     module.exit_json(
         changed=False,
-        current=_link_commit(os.path.join(root, "current")),
+        current=_link_commit(current),
+        current_target=os.readlink(current) if os.path.islink(current) else None,
         previous=_link_commit(os.path.join(root, "previous")),
         releases=releases,
         wanted_complete=any(r["commit"] == commit and r["complete"] for r in releases),
@@ -177,6 +256,8 @@ def main() -> None:
         service=service,
         systemd_version=systemd_version,
         os=_os_release(),
+        files={path: _file(module, path) for path in module.params["files"]},
+        account=_account(module.params["user"], module.params["group"]),
     )
 
 
