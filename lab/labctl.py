@@ -655,6 +655,8 @@ def environment(lab: Lab) -> dict[str, str]:
     ansible_home = lab.state / "ansible"
     return {
         "LAB_NAME": lab.name,
+        # Tests push other commits or branches here; hosts clone it as git://<bridge>/greeter.git.
+        "LAB_GIT_MIRROR": str(lab.state / "git" / "greeter.git"),
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{lab.emulator_port}",
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",

@@ -41,6 +41,11 @@ class LabSession:
     bridge: str
     bridge_address: str
 
+    @property
+    def git_mirror(self) -> Path:
+        """The bare repository served as git://<bridge>/greeter.git: push test commits here."""
+        return Path(self.env["LAB_GIT_MIRROR"])
+
     def run(
         self, *args: str, check: bool = True, timeout: float = 900
     ) -> subprocess.CompletedProcess:

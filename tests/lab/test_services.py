@@ -67,7 +67,7 @@ def test_hosts_clone_the_project_from_the_lab_git_server(lab: LabSession) -> Non
 
 
 def test_tests_can_push_other_commits_into_the_lab_git_mirror(lab: LabSession) -> None:
-    mirror = lab.state / "git" / "greeter.git"
+    mirror = lab.git_mirror
     subprocess.run(
         ["git", "-C", str(REPO), "push", "--quiet", str(mirror), "HEAD:refs/heads/test-push"],
         check=True,
