@@ -1,0 +1,119 @@
+"""playbooks/teardown.yml against the emulator: deletes everything, only when told to, once."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import select
+import signal
+import subprocess
+import termios
+import time
+
+import pytest
+from aws_helpers import BIN, REPO, Aws
+
+pytestmark = pytest.mark.aws
+
+
+def recap(output: str) -> dict[str, int]:
+    """localhost's counters from the PLAY RECAP line."""
+    match = re.search(r"^localhost\s+:\s+(.*)$", output, re.MULTILINE)
+    assert match, output
+    return {key: int(value) for key, value in re.findall(r"(\w+)=(\d+)", match.group(1))}
+
+
+def test_teardown_deletes_everything_and_a_rerun_changes_nothing(aws: Aws, stack: str) -> None:
+    assert aws.provision(stack, "greeter_stack_instance_count=2").returncode == 0
+    volumes = [
+        mapping["Ebs"]["VolumeId"]
+        for instance in aws.instances(stack)
+        for mapping in instance["BlockDeviceMappings"]
+    ]
+    assert len(volumes) == 2
+
+    first = aws.playbook(stack, "teardown.yml", "greeter_teardown_confirm=true")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert recap(first.stdout)["changed"] == 1
+
+    assert aws.live_stacks(stack) == []
+    assert {i["State"]["Name"] for i in aws.instances(stack)} == {"terminated"}
+    assert aws.security_groups(stack) == []
+    remaining = aws.client("ec2").describe_volumes(
+        Filters=[{"Name": "volume-id", "Values": volumes}]
+    )["Volumes"]
+    assert remaining == [], "root volumes are deleted with their instances"
+
+    again = aws.playbook(stack, "teardown.yml", "greeter_teardown_confirm=true")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert recap(again.stdout)["changed"] == 0
+
+
+def test_teardown_without_confirmation_or_terminal_deletes_nothing(aws: Aws, stack: str) -> None:
+    assert aws.provision(stack).returncode == 0
+
+    result = aws.playbook(stack, "teardown.yml")  # stdin is /dev/null, as in CI
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Not confirmed: nothing was deleted" in result.stdout
+    assert [s["StackStatus"] for s in aws.live_stacks(stack)] == ["CREATE_COMPLETE"]
+    assert len(aws.instances(stack, "running")) == 1
+
+
+def answer_prompt(aws: Aws, stack: str, answer: str) -> tuple[int, str]:
+    """Run teardown.yml on a pseudo-terminal and type `answer` at its prompt."""
+    controller, terminal = os.openpty()
+    process = subprocess.Popen(
+        [BIN / "ansible-playbook", "playbooks/teardown.yml"],
+        cwd=REPO,
+        env=aws.env(stack),
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        # Make the pseudo-terminal the controlling terminal, as in a login shell: pause needs it.
+        preexec_fn=lambda: (os.setsid(), fcntl.ioctl(0, termios.TIOCSCTTY, 0)),  # noqa: PLW1509
+    )
+    os.close(terminal)
+    output = b""
+    typed = False
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([controller], [], [], 1)
+            if ready:
+                try:
+                    chunk = os.read(controller, 4096)
+                except OSError:  # the terminal closes when the playbook exits
+                    break
+                if not chunk:
+                    break
+                output += chunk
+            # The terminal may wrap the prompt, so compare with whitespace normalised.
+            if not typed and b"Type the stack name to go on" in b" ".join(output.split()):
+                os.write(controller, answer.encode() + b"\r")
+                typed = True
+        # Whitespace normalised: the terminal wraps long messages.
+        text = " ".join(output.decode(errors="replace").split())
+        try:
+            return process.wait(timeout=60), text
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"teardown.yml did not finish; it printed: {text}")
+    finally:
+        if process.poll() is None:  # its own session: stop the playbook and its workers
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        os.close(controller)
+
+
+def test_teardown_asks_and_deletes_only_when_the_stack_name_is_typed(aws: Aws, stack: str) -> None:
+    assert aws.provision(stack).returncode == 0
+
+    returncode, output = answer_prompt(aws, stack, "greeter")
+    assert returncode == 2, output
+    assert "Not confirmed: nothing was deleted" in output
+    assert len(aws.live_stacks(stack)) == 1
+
+    returncode, output = answer_prompt(aws, stack, stack)
+    assert returncode == 0, output
+    assert aws.live_stacks(stack) == []
