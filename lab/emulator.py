@@ -30,13 +30,11 @@ from pathlib import Path
 
 # moto reads these at request time. With them, an unknown instance type or image id fails the
 # stack like real AWS does, instead of being accepted silently. Key pairs stay unvalidated: a lab
-# has no key pair to import. Set before moto is imported; a caller's own value wins.
-os.environ.setdefault("MOTO_EC2_ENABLE_INSTANCE_TYPE_VALIDATION", "1")
-os.environ.setdefault("MOTO_ENABLE_AMI_VALIDATION", "1")
-
-from moto.core import DEFAULT_ACCOUNT_ID
-from moto.server import ThreadedMotoServer
-from moto.ssm.models import Parameter, ssm_backends
+# has no key pair to import. A caller's own value wins.
+MOTO_SETTINGS = {
+    "MOTO_EC2_ENABLE_INSTANCE_TYPE_VALIDATION": "1",
+    "MOTO_ENABLE_AMI_VALIDATION": "1",
+}
 
 # Canonical's public parameters (the names real AWS serves) -> an image id that exists in moto's
 # default image set in every region. moto's set has no 22.04/24.04 images; these two are the
@@ -75,16 +73,19 @@ def port_number(value: str) -> int:
     return port
 
 
-def seed_image_parameters(account_id: str = DEFAULT_ACCOUNT_ID) -> None:
+def seed_image_parameters() -> None:
     """Add Canonical's image parameters to moto's SSM store in every region moto knows."""
-    backends = ssm_backends[account_id]
+    from moto.core import DEFAULT_ACCOUNT_ID  # noqa: PLC0415 - late import, see main()
+    from moto.ssm.models import Parameter, ssm_backends  # noqa: PLC0415
+
+    backends = ssm_backends[DEFAULT_ACCOUNT_ID]
     now = datetime.now(timezone.utc)
     for region in backends.regions:
         store = backends[region]._parameters
         for name, image_id in UBUNTU_IMAGE_PARAMETERS.items():
             store[name] = [
                 Parameter(
-                    account_id=account_id,
+                    account_id=DEFAULT_ACCOUNT_ID,
                     name=name,
                     value=image_id,
                     parameter_type="String",
@@ -144,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # One line per request drowns the lab's log; errors still show.
     logging.getLogger("werkzeug").setLevel(logging.INFO if args.verbose else logging.WARNING)
+
+    # moto takes seconds to import: refuse bad arguments before paying for it.
+    for name, value in MOTO_SETTINGS.items():
+        os.environ.setdefault(name, value)
+    from moto.server import ThreadedMotoServer  # noqa: PLC0415
 
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
