@@ -5,6 +5,7 @@ that h2load would count as a success is caught, ratios pair rounds, and a missed
 """
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -123,3 +124,23 @@ def test_rss_sampler_reads_every_process_of_a_tree(tmp_path):
     finally:
         server.proc.kill()
         server.proc.wait()
+
+
+def test_bench_run_service_prints_the_table_and_writes_json(tmp_path):
+    """The whole service pipeline, tiny: both servers, h2load and greeter bench, JSON out."""
+    done = subprocess.run(
+        [str(REPO / "bench" / "run"), "service", "--rounds", "1", "--duration", "0.5",
+         "--levels", "50", "--no-scaling"],
+        capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "BENCH_RESULTS": str(tmp_path)},
+    )  # fmt: skip
+    assert done.returncode in (0, 1), done.stderr  # 1: a target missed in so short a run
+    assert "| 50 (1x50) | h2load |" in done.stdout
+    assert "| 50 (1x50) | greeter bench |" in done.stdout
+    data = json.loads((tmp_path / "latest.json").read_text())
+    levels = data["service"]["summary"]["levels"]
+    assert levels["50"]["h2load"]["baseline_calls_per_s"]["median"] > 0
+    assert levels["50"]["greeter_bench"]["candidate_calls_per_s"]["median"] > 0
+    names = [t["name"] for t in data["service"]["targets"]]
+    assert any("p99 at 50" in name for name in names)
+    assert data["machine"]["nproc"] >= 2
