@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -174,6 +175,34 @@ def parse_recap(stdout: str) -> dict[str, dict[str, int]]:
     }
 
 
+_PLAY = re.compile(r"^PLAY \[(.+?)\] \*")
+_PROFILE = re.compile(r"^\w+day .*\(\d+:\d\d:[\d.]+\)\s+(\d+):(\d\d):([\d.]+)")
+
+
+def play_seconds(stdout: str) -> list[tuple[str, float]]:
+    """Seconds per play, from profile_tasks' running clock (the project's ansible.cfg has it).
+
+    The clock printed under a task header is the time that task started, so a play lasts from
+    its first clock to the next play's first clock (the last one to the clock of the recap).
+    """
+    marks: list[tuple[str, float]] = []
+    play, seen = "", False
+    for line in stdout.splitlines():
+        if found := _PLAY.match(line):
+            play, seen = found.group(1), False
+        elif (found := _PROFILE.match(line)) and play:
+            h, m, s = found.groups()
+            clock = int(h) * 3600 + int(m) * 60 + float(s)
+            if not seen:
+                marks.append((play, clock))
+                seen = True
+            end = clock
+    if not marks:
+        return []
+    ends = [clock for _, clock in marks[1:]] + [end]
+    return [(name, round(stop - start, 2)) for (name, start), stop in zip(marks, ends, strict=True)]
+
+
 def baseline_cfg(directory: Path) -> Path:
     path = directory / "ansible-defaults.cfg"
     path.write_text(BASELINE_CFG.format(repo=REPO))
@@ -220,6 +249,7 @@ class Runner:
         )
         return {
             "seconds": seconds,
+            "plays": play_seconds(done.stdout),
             "changed": changed,
             "hosts": len(recap),
             "commit": self.lab.commit,
@@ -273,7 +303,9 @@ def three_hosts(lab: Lab, runner: Runner, cfg: Config, res: Results) -> None:
         # First run on this machine: fill the package caches, then start over on new hosts.
         res.extra["priming_seconds"] = runner.play("project", "prime")["seconds"]
         lab.up(3)
-    res.record("first", "project", runner.play("project", "first"))
+    first = runner.play("project", "first")
+    if "first" in cfg.scenarios:
+        res.record("first", "project", first)
     runner.verify(lab.commit)
     if "noop3" in cfg.scenarios:
         for _ in range(cfg.rounds):
@@ -374,7 +406,25 @@ def targets(s: dict, extra: dict) -> list[Target]:
     return found
 
 
-def table(s: dict, extra: dict) -> str:
+def plays_line(runs: list[dict]) -> str:
+    """Median seconds per play over the runs, batches of one play added up (``activate x3``)."""
+    per_run: list[dict[str, float]] = []
+    batches: dict[str, int] = {}
+    for run in runs:
+        totals: dict[str, float] = {}
+        for name, seconds in run.get("plays", []):
+            totals[name] = totals.get(name, 0.0) + seconds
+        per_run.append(totals)
+        for name in totals:
+            batches[name] = sum(1 for n, _ in run["plays"] if n == name)
+    parts = []
+    for name, count in batches.items():
+        seconds = statistics.median(r.get(name, 0.0) for r in per_run)
+        parts.append(f"{name} {seconds:.1f} s" + (f" ({count} batches)" if count > 1 else ""))
+    return "; ".join(parts)
+
+
+def table(s: dict, extra: dict, runs: dict | None = None) -> str:
     rows = []
     for key, label in SCENARIO_LABELS.items():
         if key not in s:
@@ -391,6 +441,9 @@ def table(s: dict, extra: dict) -> str:
         ["scenario", "project ansible.cfg", "Ansible defaults", "project / defaults"], rows
     )
     notes = []
+    for key in ("first", "noop3", "upgrade", "noop9"):
+        if runs and key in runs and (line := plays_line(runs[key]["project"])):
+            notes.append(f"- {SCENARIO_LABELS[key]}, project settings, by play: {line}")
     if "first9_project" in extra:
         first9 = extra["first9_project"]["seconds"]
         notes.append(f"- first deploy of 9 hosts (project settings): {first9:.1f} s")
@@ -441,7 +494,7 @@ def run(cfg: Config) -> tuple[str, list[Target]]:
             "targets": [t.as_dict() for t in checked],
         },
     )
-    return f"## Deployment ({machine_line(machine)})\n\n{table(s, res.extra)}", checked
+    return f"## Deployment ({machine_line(machine)})\n\n{table(s, res.extra, res.runs)}", checked
 
 
 def main(argv: list[str] | None = None) -> int:
