@@ -1,0 +1,478 @@
+"""Hardening proofs on a lab host, through the real playbooks.
+
+The unit's exposure and what the service may write; TLS and mutual TLS end to end; bad
+playbook input; faults during a deploy (package source gone, host off the network, release
+disk full); the service killed again and again. Each fault: the host keeps serving the release
+it had, the run says what failed, and a rerun after the fault clears converges.
+
+It runs on a lab of its own (LAB_NAME `hardening`, one host): it takes the host's network
+down, fills its disk and kills its service, which must never disturb the lab other tests share.
+Tests run in file order on that one host; each leaves it serving plaintext.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(3600)]
+
+REPO = Path(__file__).resolve().parents[2]
+GREETER = REPO / ".venv" / "bin" / "greeter"
+LAB_NAME = os.environ.get("LAB_HARDENING_NAME", "hardening")
+MAX_EXPOSURE = 1.5
+RESTART_SEC = 2  # the role's default greeter_restart_sec
+
+
+@dataclass
+class Host:
+    """The hardening lab, its one host and the commit the fixture deployed."""
+
+    state: Path  # the lab's state folder (.lab/<name>)
+    env: dict[str, str]  # os.environ plus `lab/lab env`
+    name: str
+    address: str
+    veth: str  # the host's veth end on the machine (on the lab bridge)
+    bridge_address: str
+    base: str  # the commit the lab was started with
+    current: str = ""  # the commit the host serves now
+
+    def __post_init__(self) -> None:
+        self.current = self.current or self.base
+
+    @property
+    def target(self) -> str:
+        return f"{self.address}:50051"
+
+    def run(
+        self, *args: str, check: bool = True, timeout: float = 900
+    ) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            list(args), cwd=REPO, env=self.env, capture_output=True, text=True,
+            timeout=timeout, check=False,
+        )  # fmt: skip
+        if check and result.returncode != 0:
+            pytest.fail(f"{' '.join(args)} exited {result.returncode}\n{output(result)[-6000:]}")
+        return result
+
+    def ssh(self, command: str, check: bool = True) -> subprocess.CompletedProcess:
+        return self.run(str(REPO / "lab" / "lab"), "ssh", self.name, command, check=check)
+
+    def playbook(
+        self, playbook: str, *args: str, check: bool = True
+    ) -> subprocess.CompletedProcess:
+        return self.run("ansible-playbook", playbook, *args, check=check)
+
+    def deploy(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """playbooks/deploy.yml of the current commit, unless `args` name another version."""
+        version = f"greeter_version={self.current}"
+        return self.playbook("playbooks/deploy.yml", "-e", version, *args, check=check)
+
+    def converge(self, commit: str) -> None:
+        """Deploy `commit` after a fault has cleared: it must succeed and serve that commit."""
+        self.deploy("-e", f"greeter_version={commit}")
+        self.assert_serves(commit)
+        self.current = commit
+
+    def greeter(self, *args: str) -> subprocess.CompletedProcess:
+        return self.run(str(GREETER), *args, check=False, timeout=120)
+
+    def probe(self, *tls: str) -> dict:
+        """One probe from the controller, as JSON, with the exit status in `status`."""
+        result = self.greeter("probe", self.target, "--json", *tls)
+        try:
+            answer = json.loads(result.stdout)[0]
+        except (json.JSONDecodeError, IndexError):
+            answer = {"ok": False, "error": result.stderr}
+        answer["status"] = result.returncode
+        return answer
+
+    def assert_serves(self, commit: str, *tls: str) -> None:
+        answer = self.probe(*tls)
+        assert answer["status"] == 0 and answer["ok"], answer
+        assert answer["commit"] == commit, f"serves {answer['commit']}, expected {commit}"
+
+    def unit(self, *properties: str) -> dict[str, str]:
+        out = self.ssh(f"systemctl show greeter.service -p {','.join(properties)}").stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def output(result: subprocess.CompletedProcess) -> str:
+    return result.stdout + result.stderr
+
+
+def new_commit(host: Host, label: str) -> str:
+    """A commit no host has built: the base tree under a new id, on a branch of the lab mirror."""
+    mirror = host.state / "git" / "greeter.git"
+    env = dict(
+        os.environ,
+        GIT_AUTHOR_NAME="hardening",
+        GIT_AUTHOR_EMAIL="hardening@lab.invalid",
+        GIT_COMMITTER_NAME="hardening",
+        GIT_COMMITTER_EMAIL="hardening@lab.invalid",
+    )
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(mirror), *args], env=env, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    commit = git(
+        "commit-tree", f"{host.base}^{{tree}}", "-p", host.base, "-m", f"hardening: {label}"
+    )
+    git("update-ref", f"refs/heads/hardening-{label}", commit)
+    return commit
+
+
+@pytest.fixture(scope="module")
+def host(request: pytest.FixtureRequest) -> Host:
+    """The hardening lab with the stack provisioned and the lab's commit deployed.
+
+    LAB_HARDENING_REUSE=1 reuses a lab of that name already up (to iterate on these tests);
+    by default a fresh one is started and taken down at the end of the session.
+    """
+    if not os.environ.get("LAB_HARDENING_REUSE"):
+        request.getfixturevalue("extra_lab")(LAB_NAME, 1)
+    lab_env = dict(os.environ, LAB_NAME=LAB_NAME)
+    exports = subprocess.run(
+        [str(REPO / "lab" / "lab"), "env"], env=lab_env, capture_output=True, text=True, check=True
+    ).stdout
+    for line in exports.splitlines():
+        key, _, value = line.removeprefix("export ").partition("=")
+        lab_env[key] = shlex.split(value)[0] if value else ""
+    state = REPO / ".lab" / LAB_NAME
+    saved = json.loads((state / "lab.json").read_text())
+    first = saved["hosts"][0]
+    ready = Host(
+        state, lab_env, first["name"], first["address"], first["veth"],
+        saved["bridge_address"], saved["commit"],
+    )  # fmt: skip
+    ready.playbook("playbooks/provision.yml")
+    ready.deploy()
+    ready.assert_serves(ready.base)
+    return ready
+
+
+# ---- the unit ------------------------------------------------------------------------------
+
+
+def test_unit_exposure_is_at_most_1_5(host: Host) -> None:
+    report = host.ssh("sudo systemd-analyze security greeter.service --no-pager").stdout
+    match = re.search(r"Overall exposure level for greeter\.service: (\d+\.\d+)", report)
+    assert match, report[-2000:]
+    assert float(match.group(1)) <= MAX_EXPOSURE, report
+
+
+# Directories the service may write: its own state and runtime dirs, and private tmp/shm.
+WRITABLE = ("/var/lib/greeter", "/run/greeter", "/tmp", "/var/tmp", "/dev/shm", "/dev/mqueue")
+
+
+def test_service_can_write_only_its_state_and_runtime_dirs(host: Host) -> None:
+    """Every directory and file writable by the service user, in the service's own mounts."""
+    found = host.ssh(
+        "pid=$(systemctl show -p MainPID --value greeter.service); "
+        "sudo nsenter -t $pid -m -- setpriv --reuid greeter --regid greeter --clear-groups "
+        r"find / \( -path /proc -o -path /sys \) -prune -o \( -type d -o -type f \) -writable "
+        "-print 2>/dev/null; true"
+    ).stdout.split()
+    assert found, "the service user can write nowhere, not even its state dir?"
+    outside = [
+        path
+        for path in found
+        if not any(path == ok or path.startswith(ok + "/") for ok in WRITABLE)
+    ]
+    assert outside == [], f"the service can write outside {WRITABLE}: {outside[:20]}"
+    assert {"/var/lib/greeter", "/run/greeter"} <= set(found)
+    # The release, the configuration and the system are read-only mounts for the service.
+    for path in ("/opt/greeter/current/venv", "/etc/greeter", "/usr/local", "/var/log"):
+        result = host.ssh(
+            "pid=$(systemctl show -p MainPID --value greeter.service); "
+            f"sudo nsenter -t $pid -m -- touch {path}/.hardening-probe",
+            check=False,
+        )
+        assert "Read-only file system" in result.stderr, (path, result.stderr)
+
+
+# ---- TLS -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certs(host: Host) -> dict[str, Path]:
+    folder = host.state / "tls"
+    subprocess.run(
+        [str(REPO / ".venv" / "bin" / "python"), str(REPO / "lab" / "tls.py"),
+         "--dir", str(folder), "--san", host.name, "--san", host.address],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    other = host.state / "tls-other"
+    subprocess.run(
+        [str(REPO / ".venv" / "bin" / "python"), str(REPO / "lab" / "tls.py"),
+         "--dir", str(other), "--san", host.address],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    names = ("ca", "server", "server_key", "client", "client_key")
+    files = {n: folder / f"{n.replace('_key', '')}.{'key' if n.endswith('_key') else 'pem'}"
+             for n in names}  # fmt: skip
+    files["other_ca"] = other / "ca.pem"
+    files["other_client"], files["other_client_key"] = other / "client.pem", other / "client.key"
+    return files
+
+
+def tls_vars(certs: dict[str, Path], mutual: bool = False) -> str:
+    values: dict[str, object] = {
+        "greeter_tls_enabled": True,
+        "greeter_tls_cert_src": str(certs["server"]),
+        "greeter_tls_key_src": str(certs["server_key"]),
+        "greeter_tls_ca_src": str(certs["ca"]),
+    }
+    if mutual:
+        values |= {
+            "greeter_tls_client_ca_src": str(certs["ca"]),
+            "greeter_tls_probe_cert_src": str(certs["client"]),
+            "greeter_tls_probe_key_src": str(certs["client_key"]),
+        }
+    return json.dumps(values)
+
+
+@pytest.fixture
+def plaintext_after(host: Host) -> Iterator[None]:
+    yield
+    host.deploy("-e", '{"greeter_tls_enabled": false}')
+    host.assert_serves(host.current)
+
+
+def test_tls_end_to_end(host: Host, certs: dict[str, Path], plaintext_after: None) -> None:
+    host.deploy("-e", tls_vars(certs))
+    ca = ("--ca", str(certs["ca"]))
+    # Only TLS is served: a plaintext client gets nothing.
+    plain = host.greeter("hello", host.target, "Ana")
+    assert plain.returncode in (3, 4), output(plain)
+    # The CA verifies the server by its address (probe, bench) and by its name (hello).
+    hello = host.greeter("hello", host.target, "Ana", *ca, "--server-name", host.name)
+    assert hello.returncode == 0 and "Olá, Ana!" in hello.stdout, output(hello)
+    host.assert_serves(host.current, *ca)
+    bench = host.greeter("bench", host.target, *ca, "-n", "500", "-c", "50", "--json")
+    assert bench.returncode == 0, output(bench)
+    assert json.loads(bench.stdout)["status_codes"] == {"OK": 500}
+    # Another CA does not vouch for this server.
+    wrong = host.greeter("hello", host.target, "Ana", "--ca", str(certs["other_ca"]))
+    assert wrong.returncode in (3, 4), output(wrong)
+    # The fleet probe playbook verifies against the CA too.
+    host.playbook("playbooks/probe.yml", "-e", tls_vars(certs),
+                      "-e", f"greeter_expect_commit={host.current}")  # fmt: skip
+    key = host.ssh("sudo stat -c '%a %U %G' /etc/greeter/tls/server.key").stdout.split()
+    assert key == ["600", "greeter", "greeter"], key
+
+
+def test_mutual_tls_refuses_clients_without_a_certificate(
+    host: Host, certs: dict[str, Path], plaintext_after: None
+) -> None:
+    host.deploy("-e", tls_vars(certs, mutual=True))
+    ca = ("--ca", str(certs["ca"]))
+    no_cert = host.greeter("hello", host.target, "Ana", *ca)
+    assert no_cert.returncode in (3, 4), output(no_cert)
+    stranger = host.greeter(
+        "hello", host.target, "Ana", *ca,
+        "--cert", str(certs["other_client"]), "--key", str(certs["other_client_key"]),
+    )  # fmt: skip
+    assert stranger.returncode in (3, 4), output(stranger)
+    client = ("--cert", str(certs["client"]), "--key", str(certs["client_key"]))
+    hello = host.greeter("hello", host.target, "Ana", *ca, *client)
+    assert hello.returncode == 0 and "Olá, Ana!" in hello.stdout, output(hello)
+    host.assert_serves(host.current, *ca, *client)
+    host.playbook("playbooks/probe.yml", "-e", tls_vars(certs, mutual=True))
+    keys = host.ssh(
+        "sudo stat -c '%n %a %U' /etc/greeter/tls/server.key /etc/greeter/tls/probe.key"
+    ).stdout.split()
+    assert keys == ["/etc/greeter/tls/server.key", "600", "greeter",
+                    "/etc/greeter/tls/probe.key", "600", "root"], keys  # fmt: skip
+
+
+# ---- bad playbook input ----------------------------------------------------------------------
+
+
+def bad_inputs(host: Host, certs: dict[str, Path]) -> dict[str, tuple[list[str], str]]:
+    """case: (extra ansible-playbook arguments, what the message must name)."""
+    missing_key = json.loads(tls_vars(certs)) | {"greeter_tls_key_src": "/nonexistent/server.key"}
+    bridge = host.bridge_address
+    return {
+        "port that is not a number": (["-e", '{"greeter_port": "fifty"}'], "greeter_port"),
+        "TLS switch that is not a boolean": (
+            ["-e", '{"greeter_tls_enabled": "perhaps"}'],
+            "greeter_tls_enabled",
+        ),
+        "release count that is a list": (
+            ["-e", '{"greeter_keep_releases": [1, 2]}'],
+            "greeter_keep_releases",
+        ),
+        "unknown version": (["-e", "greeter_version=v99.0-nope"], "v99.0-nope"),
+        "missing TLS key file": (["-e", json.dumps(missing_key)], "greeter_tls_key_src"),
+        # A branch must be resolved on the controller: the server is needed before any host.
+        "unreachable git server": (
+            ["-e", f"greeter_repo_url=git://{bridge}:9/greeter.git", "-e", "greeter_version=main"],
+            f"git://{bridge}:9/greeter.git",
+        ),
+    }
+
+
+BAD_CASES = [
+    "port that is not a number",
+    "TLS switch that is not a boolean",
+    "release count that is a list",
+    "unknown version",
+    "missing TLS key file",
+    "unreachable git server",
+]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_playbook_input_fails_clearly_and_the_release_keeps_serving(
+    host: Host, certs: dict[str, Path], case: str
+) -> None:
+    args, named = bad_inputs(host, certs)[case]
+    before = host.unit("MainPID")
+    result = host.deploy(*args, check=False)
+    assert result.returncode != 0, output(result)
+    assert named in output(result), output(result)[-3000:]
+    host.assert_serves(host.current)
+    assert host.unit("MainPID") == before, "the service was restarted by a run that failed"
+
+
+# ---- faults during a deploy -----------------------------------------------------------------
+
+
+def lab_pid(host: Host, role: str) -> int:
+    return json.loads((host.state / "lab.json").read_text())["processes"][role][0]
+
+
+def test_git_server_unreachable_from_the_host_during_deploy(host: Host) -> None:
+    """A commit id needs no server on the controller; the host's checkout then cannot fetch."""
+    commit = new_commit(host, "git-gone")
+    nowhere = f"greeter_repo_url=git://{host.bridge_address}:9/greeter.git"
+    result = host.deploy("-e", f"greeter_version={commit}", "-e", nowhere, check=False)
+    assert result.returncode != 0
+    assert "Check out the commit" in output(result), output(result)[-3000:]
+    host.assert_serves(host.current)
+    host.converge(commit)
+
+
+def test_package_source_gone_during_deploy(host: Host) -> None:
+    """The lab's wheel server freezes (SIGSTOP) while a new release is built: pip times out."""
+    commit = new_commit(host, "wheels-gone")
+    wheels = lab_pid(host, "wheels")
+    quick = json.dumps({"greeter_pip_extra_args": ["--timeout", "5", "--retries", "1"]})
+    os.kill(wheels, signal.SIGSTOP)
+    try:
+        result = host.deploy("-e", f"greeter_version={commit}", "-e", quick, check=False)
+        host.assert_serves(host.current)
+    finally:
+        os.kill(wheels, signal.SIGCONT)
+    assert result.returncode != 0
+    assert "Install the pinned requirements" in output(result), output(result)[-3000:]
+    host.converge(commit)
+
+
+def test_host_losing_its_network_during_deploy(host: Host) -> None:
+    """The host's link goes down while it builds the new release, and comes back."""
+    commit = new_commit(host, "link-down")
+    env = dict(host.env)
+    env["ANSIBLE_SSH_COMMON_ARGS"] = (
+        env.get("ANSIBLE_SSH_COMMON_ARGS", "")
+        + " -o ServerAliveInterval=3 -o ServerAliveCountMax=2"
+    )
+    env["ANSIBLE_TIMEOUT"] = "10"
+    # A fresh SSH master: one kept from an earlier run would not have the keep-alive options.
+    env["ANSIBLE_SSH_CONTROL_PATH_DIR"] = str(host.state / "ansible" / "cp-link-down")
+    deploy = subprocess.Popen(
+        ["ansible-playbook", "playbooks/deploy.yml", "-e", f"greeter_version={commit}"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    link_down = False
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and deploy.poll() is None:
+            building = host.ssh(f"test -d /opt/greeter/releases/{commit}/src", check=False)
+            if building.returncode == 0:
+                subprocess.run(["ip", "link", "set", host.veth, "down"], check=True)
+                link_down = True
+                break
+            time.sleep(0.5)
+        assert link_down, "the deploy never started building the release"
+        text, _ = deploy.communicate(timeout=300)
+    finally:
+        if deploy.poll() is None:
+            deploy.kill()
+            deploy.wait()
+        subprocess.run(["ip", "link", "set", host.veth, "up"], check=True)
+    assert deploy.returncode != 0, text[-3000:]
+    assert "UNREACHABLE" in text, text[-3000:]
+    time.sleep(2)
+    host.assert_serves(host.current)
+    host.converge(commit)
+
+
+FILL = (
+    "set -e; used=$(du -sm /opt/greeter/releases | cut -f1); "
+    "mkdir -p /mnt/hardening-full; "
+    "mount -t tmpfs -o size=$((used + 16))m,mode=0755 hardening-full /mnt/hardening-full; "
+    "cp -a /opt/greeter/releases/. /mnt/hardening-full/; "
+    "mount --bind /mnt/hardening-full /opt/greeter/releases; umount -l /mnt/hardening-full"
+)
+
+
+def test_release_disk_full_during_deploy(host: Host) -> None:
+    """The release directory has 16 MiB left: too little for a new release's virtualenv."""
+    commit = new_commit(host, "disk-full")
+    host.ssh(f"sudo sh -c '{FILL}'")
+    try:
+        result = host.deploy("-e", f"greeter_version={commit}", check=False)
+        host.assert_serves(host.current)
+    finally:
+        host.ssh("sudo umount -l /opt/greeter/releases")
+    assert result.returncode != 0
+    assert "No space left on device" in output(result), output(result)[-3000:]
+    host.converge(commit)
+
+
+# ---- the service killed repeatedly ------------------------------------------------------------
+
+
+def wait_active(host: Host, old_pid: str, timeout: float = 60) -> float:
+    """Seconds until the unit is active again with a new main process."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        state = host.unit("ActiveState", "MainPID")
+        if state["ActiveState"] == "active" and state["MainPID"] not in ("0", old_pid):
+            return time.monotonic() - started
+        time.sleep(0.2)
+    raise AssertionError(f"greeter.service not active again within {timeout}s: {state}")
+
+
+def test_killed_service_is_restarted_with_back_off_and_the_probe_reports_it(host: Host) -> None:
+    restarts = int(host.unit("NRestarts")["NRestarts"])
+    kills = 0
+    for how in ("main", "main", "worker"):
+        pid = host.unit("MainPID")["MainPID"]
+        if how == "main":
+            host.ssh("sudo systemctl kill --signal=SIGKILL greeter.service")
+        else:  # one worker crashes: the supervisor stops the rest and exits for a clean restart
+            host.ssh(f"sudo kill -KILL $(pgrep -P {pid} | head -1)")
+        kills += 1
+        down = host.probe()
+        assert down["status"] in (3, 4) and not down["ok"], down
+        took = wait_active(host, pid)
+        assert took >= RESTART_SEC - 0.5, f"restarted after {took:.1f}s, before RestartSec"
+        up = host.probe()
+        assert up["ok"], up
+    assert int(host.unit("NRestarts")["NRestarts"]) == restarts + kills
+    host.assert_serves(host.current)
