@@ -772,6 +772,19 @@ def cmd_up(count: int) -> None:
     )
 
 
+def remove_tree(path: Path) -> None:
+    """rmtree that tolerates files vanishing meanwhile (an SSH master removing its socket)."""
+    for _ in range(5):
+        try:
+            shutil.rmtree(path)
+        except FileNotFoundError:
+            continue
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    if path.exists():
+        raise LabError(f"could not remove {path}")
+
+
 def close_ssh_masters(lab: Lab) -> None:
     """End the shared SSH connections of `lab ssh` and Ansible (they would outlive the lab)."""
     for socket_path in [
@@ -819,7 +832,7 @@ def cmd_down() -> None:
     for leftover in ("locks", "propagate", ""):  # nspawn's own bookkeeping, once no lab uses it
         with contextlib.suppress(OSError):
             (Path("/run/systemd/nspawn") / leftover).rmdir()
-    shutil.rmtree(lab.state)
+    remove_tree(lab.state)
     log(f"lab {name} down in {time.monotonic() - started:.1f}s")
 
 

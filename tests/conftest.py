@@ -127,7 +127,7 @@ def lab() -> Iterator[LabSession]:
         yield session
     finally:
         down = lab_command(name, "down")
-        assert down.returncode == 0, down.stderr
+        assert down.returncode == 0, f"lab/lab down failed:\n{down.stdout}\n{down.stderr}"
 
 
 @pytest.fixture(scope="session")
