@@ -650,6 +650,12 @@ def write_inventory(lab: Lab) -> None:
         )
 
 
+def venv_path() -> str:
+    """PATH with the project's virtualenv first (once, however often `lab env` is evaluated)."""
+    rest = [p for p in os.environ.get("PATH", "/usr/bin:/bin").split(":") if p != str(VENV_BIN)]
+    return ":".join([str(VENV_BIN), *rest])
+
+
 def environment(lab: Lab) -> dict[str, str]:
     """What turns a shell into the lab's: AWS API on loopback, lab inventory, lab SSH key."""
     ansible_home = lab.state / "ansible"
@@ -669,7 +675,7 @@ def environment(lab: Lab) -> dict[str, str]:
         "ANSIBLE_HOME": str(ansible_home),
         "ANSIBLE_SSH_CONTROL_PATH_DIR": str(ansible_home / "cp"),
         "ANSIBLE_CACHE_PLUGIN_CONNECTION": str(ansible_home / "facts"),
-        "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        "PATH": venv_path(),
     }
 
 
