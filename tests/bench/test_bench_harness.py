@@ -144,3 +144,29 @@ def test_bench_run_service_prints_the_table_and_writes_json(tmp_path):
     names = [t["name"] for t in data["service"]["targets"]]
     assert any("p99 at 50" in name for name in names)
     assert data["machine"]["nproc"] >= 2
+
+
+def test_play_seconds_come_from_profile_tasks_clock():
+    stdout = (
+        "PLAY [Provision] ***\n"
+        "TASK [a] ***\n"
+        "Thursday 26 November 2026  21:34:47 +0000 (0:00:00.204)       0:00:01.000 *****\n"
+        "PLAY [Activate] ***\n"
+        "TASK [b] ***\n"
+        "Thursday 26 November 2026  21:34:50 +0000 (0:00:03.000)       0:00:04.000 *****\n"
+        "PLAY [Activate] ***\n"
+        "TASK [b] ***\n"
+        "Thursday 26 November 2026  21:34:52 +0000 (0:00:02.000)       0:00:06.500 *****\n"
+        "PLAY RECAP ***\n"
+        "Thursday 26 November 2026  21:34:55 +0000 (0:00:02.500)       0:00:09.000 *****\n"
+    )
+    plays = deploy.play_seconds(stdout)
+    assert plays == [("Provision", 3.0), ("Activate", 2.5), ("Activate", 2.5)]
+    line = deploy.plays_line([{"plays": plays}])
+    assert line == "Provision 3.0 s; Activate 5.0 s (2 batches)"
+
+
+def test_deploy_targets_missing_figures_are_misses():
+    checked = deploy.targets({}, {}, ("first", "noop3", "noop9"))
+    assert checked and not any(t.ok for t in checked)
+    assert {t.name for t in checked} >= {"no-op rerun of 3 hosts", "first deploy of 3 hosts"}
