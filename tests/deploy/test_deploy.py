@@ -205,6 +205,13 @@ def test_site_deploys_a_fresh_fleet_that_serves_the_commit(
         assert "ActiveState=active" in service
 
 
+def test_logs_shows_every_hosts_journal(fleet: LabSession) -> None:
+    result = fleet.playbook("playbooks/logs.yml", "-e", "greeter_log_lines=20")
+    text = " ".join(result.stdout.split())  # the YAML callback folds long lines
+    for host in fleet.hosts:
+        assert re.search(rf'{host.name} greeter-server\[\d+\]: .*?"event": "serving"', text)
+
+
 def test_a_rerun_changes_nothing(fleet: LabSession) -> None:
     started = time.monotonic()
     result = fleet.playbook("playbooks/deploy.yml")
