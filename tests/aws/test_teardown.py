@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import termios
 import time
+from pathlib import Path
 
 import pytest
 from aws_helpers import BIN, REPO, Aws
@@ -61,6 +63,17 @@ def test_teardown_without_confirmation_or_terminal_deletes_nothing(aws: Aws, sta
     assert len(aws.instances(stack, "running")) == 1
 
 
+def descendants(pid: int) -> list[int]:
+    """Child processes, grandchildren first (ansible's workers run in sessions of their own)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [grandchild for child in children for grandchild in descendants(int(child))] + [
+        int(child) for child in children
+    ]
+
+
 def answer_prompt(aws: Aws, stack: str, answer: str) -> tuple[int, str]:
     """Run teardown.yml on a pseudo-terminal and type `answer` at its prompt."""
     controller, terminal = os.openpty()
@@ -76,7 +89,7 @@ def answer_prompt(aws: Aws, stack: str, answer: str) -> tuple[int, str]:
     )
     os.close(terminal)
     output = b""
-    typed = False
+    typed_at = 0.0
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline:
@@ -89,10 +102,17 @@ def answer_prompt(aws: Aws, stack: str, answer: str) -> tuple[int, str]:
                 if not chunk:
                     break
                 output += chunk
-            # The terminal may wrap the prompt, so compare with whitespace normalised.
-            if not typed and b"Type the stack name to go on" in b" ".join(output.split()):
+            # pause flushes keys typed before it reads, and under load the prompt shows well
+            # before that: type until the next task starts. (Whitespace normalised: the terminal
+            # may wrap the prompt.)
+            seen = b" ".join(output.split())
+            if (
+                b"Type the stack name to go on" in seen
+                and b"Stop unless the stack name was typed" not in seen
+                and time.monotonic() - typed_at > 5
+            ):
                 os.write(controller, answer.encode() + b"\r")
-                typed = True
+                typed_at = time.monotonic()
         # Whitespace normalised: the terminal wraps long messages.
         text = " ".join(output.decode(errors="replace").split())
         try:
@@ -100,8 +120,10 @@ def answer_prompt(aws: Aws, stack: str, answer: str) -> tuple[int, str]:
         except subprocess.TimeoutExpired:
             pytest.fail(f"teardown.yml did not finish; it printed: {text}")
     finally:
-        if process.poll() is None:  # its own session: stop the playbook and its workers
-            os.killpg(process.pid, signal.SIGKILL)
+        if process.poll() is None:  # a hung run: stop the playbook and its workers, by PID
+            for pid in [*descendants(process.pid), process.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             process.wait()
         os.close(controller)
 
