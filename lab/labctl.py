@@ -38,9 +38,9 @@ HOST_DEPS = REPO / "lab" / "host-deps"
 EMULATOR = REPO / "lab" / "emulator.py"
 WHEEL_REQUIREMENTS = REPO / "service" / "requirements.txt"
 
-APT_PORT = 3142
+APT_PORT = 13142  # not the packages' defaults (3142, 8000): a machine may run those already
 GIT_PORT = 9418
-WHEEL_PORT = 8000
+WHEEL_PORT = 18000
 REGION = "us-east-1"
 STACK = "greeter"
 SSH_USER = "ubuntu"
@@ -663,6 +663,8 @@ def environment(lab: Lab) -> dict[str, str]:
         "LAB_NAME": lab.name,
         # Tests push other commits or branches here; hosts clone it as git://<bridge>/greeter.git.
         "LAB_GIT_MIRROR": str(lab.state / "git" / "greeter.git"),
+        "LAB_APT_PROXY": f"http://{lab.bridge_address}:{APT_PORT}",
+        "LAB_WHEELHOUSE_URL": f"http://{lab.bridge_address}:{WHEEL_PORT}/",
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{lab.emulator_port}",
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",

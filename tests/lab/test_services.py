@@ -38,7 +38,7 @@ def fetch(lab: LabSession, url: str, proxy: str = "") -> str:
 
 
 def test_hosts_use_the_apt_proxy_which_serves_the_debian_archive(lab: LabSession) -> None:
-    proxy = f"http://{lab.bridge_address}:3142"
+    proxy = lab.env["LAB_APT_PROXY"]
     config = lab.ssh(lab.hosts[0], "apt-config dump Acquire::http::Proxy").stdout
     assert proxy in config
     release = fetch(lab, "http://deb.debian.org/debian/dists/bookworm/Release", proxy)
@@ -48,9 +48,7 @@ def test_hosts_use_the_apt_proxy_which_serves_the_debian_archive(lab: LabSession
 
 def test_the_apt_proxy_refuses_anything_but_the_debian_archive(lab: LabSession) -> None:
     # .invalid never resolves; the proxy must refuse by its own rules before trying.
-    assert fetch(lab, "http://example.invalid/", f"http://{lab.bridge_address}:3142").startswith(
-        "403"
-    )
+    assert fetch(lab, "http://example.invalid/", lab.env["LAB_APT_PROXY"]).startswith("403")
 
 
 def test_hosts_clone_the_project_from_the_lab_git_server(lab: LabSession) -> None:
@@ -78,13 +76,13 @@ def test_tests_can_push_other_commits_into_the_lab_git_mirror(lab: LabSession) -
 
 def test_hosts_install_wheels_from_the_lab_wheelhouse(lab: LabSession) -> None:
     pip_conf = lab.ssh(lab.hosts[0], "cat /etc/pip.conf").stdout
-    assert f"find-links = http://{lab.bridge_address}:8000/" in pip_conf
+    wheelhouse = lab.env["LAB_WHEELHOUSE_URL"]
+    assert f"find-links = {wheelhouse}" in pip_conf
     assert "no-index = true" in pip_conf
     index = lab.ssh(
         lab.hosts[0],
         "python3 -c 'import sys, urllib.request; "
-        "print(urllib.request.urlopen(sys.argv[1], timeout=20).read().decode())' "
-        f"http://{lab.bridge_address}:8000/",
+        "print(urllib.request.urlopen(sys.argv[1], timeout=20).read().decode())' " + wheelhouse,
     ).stdout
     requirements = (REPO / "service" / "requirements.txt").read_text().splitlines()
     pins = [line.split("==") for line in requirements if "==" in line]
