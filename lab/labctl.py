@@ -17,6 +17,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -121,8 +122,8 @@ def quiet(*args: str | Path) -> bool:
 
 
 def lab_name() -> str:
-    name = os.environ.get("LAB_NAME", "demo")
-    if not name.replace("-", "").isalnum() or not name.islower() or len(name) > 32:
+    name = os.environ.get("LAB_NAME") or "demo"
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,31}", name):
         raise LabError(f"LAB_NAME={name!r}: use lower-case letters, digits and dashes (<= 32)")
     return name
 
@@ -688,7 +689,9 @@ def new_lab(name: str, count: int) -> Lab:
     subnet = choose_subnet(name)
     sid = short_id(name)
     addresses = list(subnet.hosts())
-    if count < 1 or count + 10 > len(addresses):
+    if count < 1:
+        raise LabError(f"a lab needs at least one host, not {count}")
+    if count + 10 > len(addresses):
         raise LabError(f"{count} hosts do not fit in {subnet}")
     hosts = [
         Host(

@@ -62,8 +62,16 @@ def test_interface_names_fit_the_kernel_limit(name: str) -> None:
     assert labctl.short_id("a-very-long-lab-name-for-ci-42") != labctl.short_id("a-very-long-lab-x")
 
 
-@pytest.mark.parametrize("bad", ["Demo", "demo lab", "../etc", "x" * 33, "demo;rm"])
+@pytest.mark.parametrize("bad", ["Demo", "demo lab", "../etc", "x" * 33, "demo;rm", "dé", "-x"])
 def test_unsafe_lab_names_are_refused(bad: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LAB_NAME", bad)
     with pytest.raises(labctl.LabError, match="LAB_NAME"):
         labctl.lab_name()
+
+
+@pytest.mark.parametrize("good", ["demo", "test", "ci-42", "0"])
+def test_lab_names_of_letters_digits_and_dashes_are_accepted(
+    good: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LAB_NAME", good)
+    assert labctl.lab_name() == good
