@@ -86,7 +86,11 @@ OPTIONS = (
         "server processes sharing the port with SO_REUSEPORT (default: one per usable CPU)",
     ),
     Option(
-        "threads", "GREETER_THREADS", _int_in(1, 1024), lambda: 16, "handler threads per process"
+        "threads",
+        "GREETER_THREADS",
+        _int_in(1, 1024),
+        lambda: 4,
+        "handler threads per process; more are added only while all are stuck (see pool.py)",
     ),
     Option(
         "max_message_bytes",

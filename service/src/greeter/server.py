@@ -24,7 +24,6 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from concurrent import futures
 from typing import Any
 
 import grpc
@@ -34,6 +33,7 @@ from grpc_reflection.v1alpha import reflection
 from greeter import __version__, config, logs, sdnotify
 from greeter import hello_pb2 as pb
 from greeter import hello_pb2_grpc as pb_grpc
+from greeter.pool import ElasticThreadPool
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Greeter"].full_name  # "hello.Greeter"
 log = logging.getLogger(logs.LOGGER_NAME)
@@ -163,7 +163,7 @@ def check_port_free(settings: config.ServerConfig) -> None:
 def build_server(settings: config.ServerConfig, tls: TlsFiles) -> tuple[grpc.Server, Health]:
     """A started-ready (not yet started) server with Greeter, health and reflection."""
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="grpc"),
+        ElasticThreadPool(settings.threads),
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
