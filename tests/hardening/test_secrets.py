@@ -64,7 +64,7 @@ def mappings_in(node: object) -> Iterator[dict]:
             yield from mappings_in(value)
 
 
-KEY_SOURCES = re.compile(r"(_key_src\b|\.key\b|private key)", re.I)
+KEY_SOURCES = re.compile(r"(_key_src\b|\.key\b|\bkeys?\b)", re.I)
 WRITERS = ("copy", "template", "ansible.builtin.copy", "ansible.builtin.template")
 
 
