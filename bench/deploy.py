@@ -228,6 +228,7 @@ class Runner:
             "ANSIBLE_NOCOLOR": "1",
         }
         argv = [str(BIN / "ansible-playbook"), "site.yml", *extra]
+        load = os.getloadavg()[0]  # the machine is shared: how busy it was, next to each figure
         started = time.monotonic()
         done = subprocess.run(
             argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800, check=False
@@ -250,6 +251,7 @@ class Runner:
         return {
             "seconds": seconds,
             "plays": play_seconds(done.stdout),
+            "loadavg_1m_before": round(load, 2),
             "changed": changed,
             "hosts": len(recap),
             "commit": self.lab.commit,

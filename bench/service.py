@@ -399,7 +399,7 @@ class Config:
 
 def measure_round(spec: ServerSpec, cfg: Config) -> dict:
     """One server, fresh: verify, warm up, every level with h2load then greeter bench, verify."""
-    out: dict = {"h2load": {}, "greeter_bench": {}}
+    out: dict = {"h2load": {}, "greeter_bench": {}, "loadavg_1m_before": os.getloadavg()[0]}
     with running(spec, cfg.log_dir) as server:
         verify(server.port)
         run_h2load(server.port, 50, cfg.warmup)
