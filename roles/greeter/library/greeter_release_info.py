@@ -55,6 +55,14 @@ options:
   group:
     description: Group whose existence is reported in RV(account).
     type: str
+  probe:
+    description:
+      - A command (argv) checking that the service serves, run only when C(current) already points
+        to the release of O(commit) and the unit is active, so a host with nothing to change is
+        verified in this same call. Its outcome is RV(probe).
+    type: list
+    elements: str
+    default: []
 author: greeter project
 """
 
@@ -113,6 +121,10 @@ files:
   type: dict
 account:
   description: C(user) (passwd fields of O(user) or null) and C(group_exists).
+  returned: always
+  type: dict
+probe:
+  description: C(rc), C(stdout) and C(stderr) of O(probe), or null when it did not run.
   returned: always
   type: dict
 """
@@ -237,6 +249,7 @@ def main() -> None:
             "files": {"type": "list", "elements": "path", "default": []},
             "user": {"type": "str"},
             "group": {"type": "str"},
+            "probe": {"type": "list", "elements": "str", "default": []},
         },
         supports_check_mode=True,
     )
@@ -245,10 +258,21 @@ def main() -> None:
     releases = _releases(root)
     systemd_version, service = _systemd(module, module.params["unit"])
     current = os.path.join(root, "current")
+    current_target = os.readlink(current) if os.path.islink(current) else None
+    probe = None
+    wanted = os.path.normpath(os.path.join(root, "releases", commit or "-"))
+    if (
+        module.params["probe"]
+        and current_target is not None
+        and os.path.normpath(current_target) == wanted
+        and service.get("ActiveState") == "active"
+    ):
+        rc, out, err = module.run_command(module.params["probe"])
+        probe = {"rc": rc, "stdout": out, "stderr": err}
     module.exit_json(
         changed=False,
         current=_link_commit(current),
-        current_target=os.readlink(current) if os.path.islink(current) else None,
+        current_target=current_target,
         previous=_link_commit(os.path.join(root, "previous")),
         releases=releases,
         wanted_complete=any(r["commit"] == commit and r["complete"] for r in releases),
@@ -258,6 +282,7 @@ def main() -> None:
         os=_os_release(),
         files={path: _file(module, path) for path in module.params["files"]},
         account=_account(module.params["user"], module.params["group"]),
+        probe=probe,
     )
 
 
