@@ -161,7 +161,7 @@ def check_port_free(settings: config.ServerConfig) -> None:
 
 
 def build_server(settings: config.ServerConfig, tls: TlsFiles) -> tuple[grpc.Server, Health]:
-    """A started-ready (not yet started) server with Greeter, health and reflection."""
+    """A server, bound but not started, with Greeter, health and reflection."""
     server = grpc.server(
         ElasticThreadPool(settings.threads),
         options=[
