@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -394,7 +394,35 @@ class Config:
     # (measured: 1.03x of h2load at 50 in flight against 0.90x with one process).
     bench_procs: int = 2
     scaling: bool = True
+    saturated: float = 0.85
+    retries: int = 2
     log_dir: Path = RESULTS / "logs"
+
+
+def loaded(server: Server, need: float, cfg: Config, load: Callable[[], dict]) -> dict:
+    """Run one load and account the server's CPU; retry one that another process disturbed.
+
+    At 50 calls in flight and more, a CPU-bound server uses all the cores it is pinned to;
+    when it got less than ``need`` cores, something else on this shared machine took them and
+    the figure would measure that. Such a run is repeated (``cfg.retries`` times at most) and
+    the retries are recorded; the last attempt counts whatever it shows.
+    """
+    for attempt in range(cfg.retries + 1):
+        start = cpu_seconds(server.pids())
+        result = load()
+        used = cpu_seconds(server.pids()) - start
+        result["server_cpu_share"] = used / cfg.duration
+        result["server_cpu_us_per_call"] = used / result["calls"] * 1e6
+        result["disturbed_retries"] = attempt
+        if result["server_cpu_share"] >= need:
+            break
+        print(
+            f"service: {server.spec.name} got {result['server_cpu_share']:.2f} of a core's "
+            f"time (wants {need:.2f}): the machine is busy, measuring again",
+            file=sys.stderr,
+            flush=True,
+        )
+    return result
 
 
 def measure_round(spec: ServerSpec, cfg: Config) -> dict:
@@ -404,18 +432,20 @@ def measure_round(spec: ServerSpec, cfg: Config) -> dict:
         verify(server.port)
         run_h2load(server.port, 50, cfg.warmup)
         for level in cfg.levels:
-            start_cpu = cpu_seconds(server.pids())
+            need = cfg.saturated if level >= 50 else 0.0  # 1 in flight does not fill a core
             with RssSampler(server) as sampler:
-                result = run_h2load(server.port, level, cfg.duration)
-            used = cpu_seconds(server.pids()) - start_cpu
-            result["server_cpu_share"] = used / cfg.duration
-            result["server_cpu_us_per_call"] = used / result["calls"] * 1e6
+                result = loaded(
+                    server, need, cfg, lambda lv=level: run_h2load(server.port, lv, cfg.duration)
+                )
             result["rss_mb"] = sorted(sampler.peak.values(), reverse=True)
             out["h2load"][level] = result
             if cfg.greeter_bench:
                 procs = min(cfg.bench_procs, level)  # 1 in flight is one process's work
-                out["greeter_bench"][level] = run_greeter_bench(
-                    server.port, level, cfg.duration, procs
+                out["greeter_bench"][level] = loaded(
+                    server,
+                    need,
+                    cfg,
+                    lambda lv=level, n=procs: run_greeter_bench(server.port, lv, cfg.duration, n),
                 )
         verify(server.port)
         out["processes"] = len(server.pids())
@@ -434,12 +464,15 @@ def measure_scaling(cfg: Config) -> dict:
     runs: dict[str, list[dict]] = {"1": [], "2": []}
     for _ in range(cfg.rounds):
         for key, spec in (("1", one), ("2", two)):
+            need = cfg.saturated * int(key) - (0.2 if key == "2" else 0.0)  # h2load's share
             with running(spec, cfg.log_dir) as server:
                 run_h2load(server.port, 500, cfg.warmup, BOTH_CPUS)
-                start_cpu = cpu_seconds(server.pids())
-                result = run_h2load(server.port, 500, cfg.duration, BOTH_CPUS)
-                used = cpu_seconds(server.pids()) - start_cpu
-                result["server_cpu_share"] = used / cfg.duration
+                result = loaded(
+                    server,
+                    need,
+                    cfg,
+                    lambda s=server: run_h2load(s.port, 500, cfg.duration, BOTH_CPUS),
+                )
                 result["processes"] = len(server.pids())
                 verify(server.port)
             runs[key].append(result)
@@ -491,6 +524,12 @@ def summarise(rounds: list[dict], scaling: dict | None, cfg: Config) -> dict:
                 series(cand, "h2load", 50, "calls_per_s"),
             )
         )
+    out["disturbed_retries"] = sum(
+        run[tool][level]["disturbed_retries"]
+        for run in base + cand
+        for tool in ("h2load", "greeter_bench")
+        for level in run[tool]
+    ) + sum(r["disturbed_retries"] for key in (scaling or {}) for r in scaling[key])
     top = max(cfg.levels)
     out["rss_mb_at"] = top
     out["candidate_rss_mb"] = summary([max(run["h2load"][top]["rss_mb"]) for run in cand])
@@ -587,6 +626,10 @@ def table(s: dict, cfg: Config) -> str:
             f"{sc['two_workers_server_cpu']['median']:.2f} cores, "
             f"h2load {sc['driver_cpu_with_two']['median']:.2f} core"
         )
+    extra.append(
+        f"- measurements repeated because another process took the server's CPU: "
+        f"{s['disturbed_retries']}"
+    )
     return text + "\n\n" + "\n".join(extra)
 
 
