@@ -45,6 +45,7 @@ WHEEL_PORT = 18000
 REGION = "us-east-1"
 STACK = "greeter"
 SSH_USER = "ubuntu"
+NSPAWN_RUN = Path("/run/systemd/nspawn")
 CGROUP_ROOTS = (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"))
 STOP_TIMEOUT = 8.0
 HOST_STOP_TIMEOUT = 3.0  # a clean power-off first; these hosts are thrown away anyway
@@ -825,8 +826,13 @@ def cmd_down() -> None:
     stop(services)
     for host in lab.hosts:
         root = host_dir(lab, host) / "root"
-        if os.path.ismount(root) and not quiet("umount", root):
-            quiet("umount", "--lazy", root)
+        if os.path.ismount(root):
+            # nspawn's lock for the root directory outlives it; it is named after the mount.
+            st = root.stat()
+            with contextlib.suppress(OSError):
+                (NSPAWN_RUN / "locks" / f"inode-{st.st_dev}:{st.st_ino}").unlink()
+            if not quiet("umount", root):
+                quiet("umount", "--lazy", root)
         ip(f"link del {host.veth}", check=False)  # first: `netns del` is asynchronous
         ip(f"netns del {host.netns}", check=False)
         deadline = time.monotonic() + 2
@@ -835,14 +841,14 @@ def cmd_down() -> None:
         remove_cgroups(cgroup_name(lab, host))
         for leftover in ("propagate", "unix-export"):
             with contextlib.suppress(OSError):
-                shutil.rmtree(Path("/run/systemd/nspawn") / leftover / host.machine)
+                shutil.rmtree(NSPAWN_RUN / leftover / host.machine)
     hosts = lab.state / "hosts"
     if os.path.ismount(hosts) and not quiet("umount", hosts):
         quiet("umount", "--lazy", hosts)
     ip(f"link del {lab.bridge}", check=False)
     for leftover in ("locks", "propagate", ""):  # nspawn's own bookkeeping, once no lab uses it
         with contextlib.suppress(OSError):
-            (Path("/run/systemd/nspawn") / leftover).rmdir()
+            (NSPAWN_RUN / leftover).rmdir()
     remove_tree(lab.state)
     log(f"lab {name} down in {time.monotonic() - started:.1f}s")
 
