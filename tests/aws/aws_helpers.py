@@ -98,6 +98,7 @@ class Aws:
             AWS_SECRET_ACCESS_KEY="testing",  # noqa: S106 - moto's dummy credentials
             AWS_REGION=REGION,
             AWS_DEFAULT_REGION=REGION,
+            AWS_EC2_METADATA_DISABLED="true",  # never ask 169.254.169.254 for credentials
             GREETER_STACK_NAME=stack,
             ANSIBLE_INVENTORY=str(REPO / "inventory"),
             ANSIBLE_NOCOLOR="1",
