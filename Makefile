@@ -7,6 +7,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 N ?= 3
+# Nothing here may fall back to the EC2 metadata address when no AWS credentials are set.
+export AWS_EC2_METADATA_DISABLED := true
 
 .PHONY: help venv protos host-deps lint test demo demo-down lab-up lab-down bench clean
 
