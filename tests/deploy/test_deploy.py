@@ -156,8 +156,11 @@ def fleet(extra_lab: Callable[[str, int], LabSession]) -> Iterator[LabSession]:
 
 @pytest.fixture(scope="module")
 def base_commit(fleet: LabSession) -> str:
-    """The commit lab/lab up put on the mirror's main: what site.yml deploys."""
-    return fleet.run("git", "-C", str(REPO), "rev-parse", "HEAD").stdout.strip()
+    """The commit lab/lab up put on the mirror's main (and in the inventory): what site.yml deploys.
+
+    Not the working tree's HEAD: others may commit while the tests run.
+    """
+    return json.loads((fleet.state / "lab.json").read_text())["commit"]
 
 
 # --- the tests, in the order an operator meets them ----------------------------------------------
