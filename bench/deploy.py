@@ -69,6 +69,7 @@ class Config:
     lab_name: str = "bench"
     keep_lab: bool = False
     log_dir: Path = RESULTS / "logs"
+    project_env: tuple[tuple[str, str], ...] = ()  # to try a setting before ansible.cfg gets it
 
 
 class Lab:
@@ -226,6 +227,7 @@ class Runner:
             "ANSIBLE_CONFIG": str(REPO / "ansible.cfg" if config == "project" else self.baseline),
             "ANSIBLE_SSH_CONTROL_PATH_DIR": str(control),
             "ANSIBLE_NOCOLOR": "1",
+            **(dict(self.cfg.project_env) if config == "project" else {}),
         }
         argv = [str(BIN / "ansible-playbook"), "site.yml", *extra]
         load = os.getloadavg()[0]  # the machine is shared: how busy it was, next to each figure
@@ -479,12 +481,22 @@ def parse_args(argv: list[str] | None) -> Config:
     )
     parser.add_argument("--lab-name", default="bench", help="LAB_NAME of the lab (default: bench)")
     parser.add_argument("--keep-lab", action="store_true", help="leave the lab up afterwards")
+    parser.add_argument(
+        "--project-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the project runs, to try a setting (e.g. ANSIBLE_STRATEGY=...)",
+    )
     args = parser.parse_args(argv)
     scenarios = tuple(s for s in args.scenarios.split(",") if s)
     unknown = set(scenarios) - set(SCENARIO_LABELS)
     if unknown or args.rounds < 1:
         parser.error(f"unknown scenarios {sorted(unknown)} or --rounds < 1")
-    return Config(args.rounds, scenarios, args.lab_name, args.keep_lab)
+    if any("=" not in item for item in args.project_env):
+        parser.error("--project-env takes KEY=VALUE")
+    project_env = tuple(tuple(item.split("=", 1)) for item in args.project_env)
+    return Config(args.rounds, scenarios, args.lab_name, args.keep_lab, project_env=project_env)
 
 
 def run(cfg: Config) -> tuple[str, list[Target]]:
@@ -498,7 +510,11 @@ def run(cfg: Config) -> tuple[str, list[Target]]:
         "deploy",
         {
             "machine": machine,
-            "config": {"rounds": cfg.rounds, "scenarios": list(cfg.scenarios)},
+            "config": {
+                "rounds": cfg.rounds,
+                "scenarios": list(cfg.scenarios),
+                "project_env": dict(cfg.project_env),
+            },
             "baseline_cfg": BASELINE_CFG,
             "summary": s,
             "runs": res.runs,
