@@ -127,6 +127,12 @@ probe:
   description: C(rc), C(stdout) and C(stderr) of O(probe), or null when it did not run.
   returned: always
   type: dict
+free:
+  description:
+    - C(path) and C(mib) free on it (without the blocks reserved for root) for the directory a
+      new release is built in, C(releases/) under O(root) or the nearest existing one above it.
+  returned: always
+  type: dict
 """
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -226,6 +232,19 @@ def _account(user: str | None, group: str | None) -> dict:
     return found
 
 
+def _free(root: str) -> dict:
+    """Space left where a release is built, so a full disk fails before the build starts.
+
+    A virtualenv that runs out of space fails in ensurepip with no word about space; the
+    role compares this with what a release needs and says so instead.
+    """
+    path = os.path.join(root, "releases")
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    info = os.statvfs(path)
+    return {"path": path, "mib": info.f_bavail * info.f_frsize // (1024 * 1024)}
+
+
 def _os_release() -> dict:
     info = {"ID": "", "VERSION_ID": ""}
     try:
@@ -283,6 +302,7 @@ def main() -> None:
         files={path: _file(module, path) for path in module.params["files"]},
         account=_account(module.params["user"], module.params["group"]),
         probe=probe,
+        free=_free(root),
     )
 
 
