@@ -94,12 +94,12 @@ ADMIN = f"greeter_stack_admin_cidr={ADMIN_CIDR}"
         ),
         pytest.param(
             [ADMIN, "greeter_stack_instance_count=0"],
-            "greeter_stack_instance_count: 1 to 5 instances",
+            "greeter_stack_instance_count: 1 to 10 instances",
             id="count-0",
         ),
         pytest.param(
-            [ADMIN, "greeter_stack_instance_count=6"],
-            "greeter_stack_instance_count: 1 to 5 instances",
+            [ADMIN, "greeter_stack_instance_count=11"],
+            "greeter_stack_instance_count: 1 to 10 instances",
             id="count-6",
         ),
         pytest.param(
