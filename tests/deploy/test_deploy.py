@@ -1,14 +1,15 @@
 """The deployment on lab hosts: site.yml, reruns, rolling upgrade, health gate, rollback, faults.
 
-One lab of three hosts (LAB_NAME ``deploy``, beside the session's ``test`` lab whose tests
-need untouched hosts) is shared by every test in this file, in file order: each test starts
-from the fleet state the previous one left, as a person operating the fleet would. Timings of
-the first deploy, the no-op rerun and the upgrade are printed.
+One lab of three hosts (LAB_NAME ``deploy``, or $LAB_DEPLOY_NAME; beside the session's ``test``
+lab whose tests need untouched hosts) is shared by every test in this file, in file order: each
+test starts from the fleet state the previous one left, as a person operating the fleet would.
+Timings of the first deploy, the no-op rerun and the upgrade are printed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import threading
@@ -25,7 +26,8 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parents[2]
-LAB_NAME = "deploy"
+# LAB_DEPLOY_NAME picks another lab name, so a second checkout can run these tests meanwhile.
+LAB_NAME = os.environ.get("LAB_DEPLOY_NAME", "deploy")
 RECAP = re.compile(
     r"^(?P<host>\S+)\s+: ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)"
     r"\s+unreachable=(?P<unreachable>\d+)\s+failed=(?P<failed>\d+)"
