@@ -196,3 +196,50 @@ def test_deploy_targets_missing_figures_are_misses():
     checked = deploy.targets({}, {}, ("first", "noop3", "noop9"))
     assert checked and not any(t.ok for t in checked)
     assert {t.name for t in checked} >= {"no-op rerun of 3 hosts", "first deploy of 3 hosts"}
+
+
+class RecordingRunner:
+    """Stands in for deploy.Runner: records which playbook ran under which config."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, str]] = []
+
+    def play(self, config, scenario, extra=(), playbook=deploy.SITE):
+        self.calls.append((scenario, config, playbook))
+        return {"seconds": 1.0, "loadavg_1m_before": 2.0, "changed": 0, "plays": []}
+
+
+def test_noop_rounds_time_deploy_yml_and_site_yml_alternating_which_config_goes_first():
+    runner, res = RecordingRunner(), deploy.Results()
+    deploy.noop_rounds(runner, deploy.Config(rounds=2), res, 3)
+    assert runner.calls == [
+        ("noop3", "project", "playbooks/deploy.yml"),
+        ("noop3", "baseline", "playbooks/deploy.yml"),
+        ("site3", "project", "site.yml"),
+        ("site3", "baseline", "site.yml"),
+        ("noop3", "baseline", "playbooks/deploy.yml"),
+        ("noop3", "project", "playbooks/deploy.yml"),
+        ("site3", "baseline", "site.yml"),
+        ("site3", "project", "site.yml"),
+    ]
+    assert {k: len(v["project"]) for k, v in res.runs.items()} == {"noop3": 2, "site3": 2}
+
+
+def test_deploy_table_shows_load_and_targets_ignore_the_site_yml_rerun_time():
+    res = deploy.Results()
+    for seconds, load in ((10.0, 4.0), (12.0, 9.0)):
+        for scenario in ("noop3", "site3"):
+            for config, factor in (("project", 1), ("baseline", 2)):
+                run = {"seconds": factor * seconds, "loadavg_1m_before": load, "changed": 0}
+                res.record(scenario, config, {**run, "plays": []})
+    res.runs["site3"]["project"][0]["seconds"] = 99.0  # a slow site.yml misses no target
+    res.extra["drift"] = {"seconds": 5.0, "changed": 2, "repaired": True}
+    s = deploy.summarise(res.runs)
+    text = deploy.table(s, res.extra, res.runs)
+    assert "| no-op rerun, 3 hosts (playbooks/deploy.yml) | 11.0 s (10.0-12.0) |" in text
+    assert "| 0.50x (0.50-0.50) | 6.5 (4.0-9.0) |" in text
+    assert "whole site.yml (no target)" in text
+    checked = {t.name: t for t in deploy.targets(s, res.extra, ("noop3", "site3"))}
+    assert checked["no-op rerun of 3 hosts"].value == 11.0
+    assert checked["playbooks/deploy.yml rerun repairs a stopped service and an edited unit"].ok
+    assert not checked["site.yml rerun repairs a stopped service and an edited unit"].ok
