@@ -11,7 +11,7 @@ Deploys and upgrades run ``site.yml`` (stack, rollout, probe). The no-op reruns 
 to run ``playbooks/deploy.yml``, the deploy of the role: ``site.yml`` adds fixed costs that do not
 depend on the role (the stack update, the SSH wait, the fleet probe) and would hide its cost in
 both columns. The whole ``site.yml`` no-op rerun is measured too and reported without a target.
-No-op reruns are interleaved (project, baseline, project, ...) in rounds.
+No-op reruns are interleaved in rounds (project, baseline; baseline, project; ...).
 
 Speed may not come from skipping checks, so the benchmark also checks what the runs did: a no-op
 rerun must change nothing, each deploy must leave every host answering with the wanted commit
