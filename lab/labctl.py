@@ -449,6 +449,9 @@ def make_host_network(lab: Lab, host: Host) -> None:
 HOST_APT_PROXY = """\
 // Written by lab/lab: the lab's apt-cacher-ng on the bridge (the Debian archive only).
 Acquire::http::Proxy "http://{bridge}:{apt_port}";
+// A half-closed connection to the proxy must fail and be retried, not hang a deploy for minutes.
+Acquire::http::Timeout "30";
+Acquire::Retries "3";
 """
 
 HOST_PIP_CONF = """\
