@@ -572,7 +572,9 @@ def run_host(name: str, index: int) -> int:
         log(f"{host.name}: the guest rebooted; booting it again")
 
 
-def wait_ssh(lab: Lab, timeout: float = 60.0) -> None:
+def wait_ssh(lab: Lab, timeout: float | None = None) -> None:
+    # Hosts boot in parallel but share two cores: allow more time for bigger labs.
+    timeout = timeout if timeout is not None else 60.0 + 10.0 * len(lab.hosts)
     deadline = time.monotonic() + timeout
     pending = {h.name: h for h in lab.hosts}
     while pending:
