@@ -555,18 +555,3 @@ def run(cfg: Config) -> tuple[str, list[Target]]:
     if res.errors:
         text += "\n\nFailed:\n" + "\n".join(f"- {e}" for e in res.errors)
     return text, checked
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        text, checked = run(parse_args(argv))
-    except BenchError as err:
-        print(f"deployment benchmark failed: {err}", file=sys.stderr)
-        return 1
-    print(text)
-    print("\n".join(t.line() for t in checked))
-    return 0 if all(t.ok for t in checked) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -693,18 +693,3 @@ def run(cfg: Config) -> tuple[str, list[Target]]:
     )
     text = f"## Service ({machine_line(machine)})\n\n{table(s, cfg)}"
     return text, checked
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        text, checked = run(parse_args(argv))
-    except BenchError as err:
-        print(f"service benchmark failed: {err}", file=sys.stderr)
-        return 1
-    print(text)
-    print("\n".join(t.line() for t in checked))
-    return 0 if all(t.ok for t in checked) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
