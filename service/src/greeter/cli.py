@@ -122,17 +122,14 @@ def _tls(args: argparse.Namespace) -> Tls:
 
 def cmd_hello(args: argparse.Namespace) -> int:
     with open_channel(str(args.target), _tls(args)) as channel:
-        watch = probe.ConnectionWatch(channel)
         try:
             reply = pb_grpc.GreeterStub(channel).SayHello(
                 pb.Mensagem(nome=args.name), timeout=args.deadline
             )
         except grpc.RpcError as error:
-            status = EXIT_CONNECT if watch.failed_to_connect(error) else EXIT_RPC
+            status = EXIT_CONNECT if probe.failed_to_connect(channel, error) else EXIT_RPC
             print(f"greeter: {error.code().name}: {error.details()}", file=sys.stderr)
             return status
-        finally:
-            watch.close()
     print(reply.texto)
     return EXIT_OK
 
