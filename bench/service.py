@@ -81,7 +81,8 @@ def free_port() -> int:
 
 
 class NotConnectedError(BenchError):
-    """h2load could not open its connections (seen rarely here on a busy machine): retried."""
+    """h2load could not open its connections, or got no call through them (seen rarely here on a
+    busy machine, with nothing failed): retried."""
 
 
 @dataclass
@@ -274,6 +275,8 @@ def parse_h2load(stdout: str, log_lines: list[str], duration: float) -> dict:
     data_bytes = int(data.group(1))
     if started == 0:
         raise NotConnectedError(f"h2load started no call ({errored} errored)")
+    if not (succeeded or failed or errored or timeouts):
+        raise NotConnectedError(f"h2load started {started} calls and finished none")
     if failed or errored or timeouts or not succeeded:
         raise BenchError(
             f"h2load: {succeeded} succeeded, {failed} failed, {errored} errored, "

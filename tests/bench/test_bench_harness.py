@@ -51,6 +51,20 @@ def test_h2load_run_with_grpc_errors_is_rejected_not_counted():
         server.stop(0).wait()
 
 
+def test_h2load_run_that_finished_no_call_is_retried_not_failed():
+    """Connected but nothing finished, nothing failed (a stall on a busy machine): try again."""
+    summary = (
+        "requests: 500 total, 50 started, 0 done, 0 succeeded, 0 failed, 0 errored, 0 timeout\n"
+        "traffic: 1KB (1024) total, 1KB (1024) headers (space savings 0%), 0B (0) data\n"
+    )
+    with pytest.raises(service.NotConnectedError, match="finished none"):
+        service.parse_h2load(summary, [], 1.0)
+    failed = summary.replace("0 failed", "3 failed")
+    with pytest.raises(common.BenchError) as raised:
+        service.parse_h2load(failed, [], 1.0)
+    assert not isinstance(raised.value, service.NotConnectedError)
+
+
 def test_server_that_cannot_start_is_reported_with_its_output(tmp_path):
     spec = service.ServerSpec(
         "broken", ["python3", "-c", "import sys; sys.exit('no port for you')"]
