@@ -683,7 +683,6 @@ def environment(lab: Lab) -> dict[str, str]:
         "ANSIBLE_SSH_COMMON_ARGS": shlex.join(ssh_options(lab)[2:]),
         "ANSIBLE_HOME": str(ansible_home),
         "ANSIBLE_SSH_CONTROL_PATH_DIR": str(ansible_home / "cp"),
-        "ANSIBLE_CACHE_PLUGIN_CONNECTION": str(ansible_home / "facts"),
         "PATH": venv_path(),
     }
 
