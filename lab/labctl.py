@@ -511,12 +511,18 @@ def join_cgroups(name: str) -> None:
             (path / "cgroup.procs").write_text(f"{os.getpid()}\n")
 
 
+def cgroup_dirs(top: Path) -> list[Path]:
+    """Every folder under a cgroup, deepest first. os.walk, not rglob: a host's systemd removes
+    its own cgroups while we look, and rglob raises on a folder that vanished mid-walk."""
+    return [Path(folder) for folder, _, _ in os.walk(top, topdown=False)]
+
+
 def cgroup_pids(name: str) -> list[int]:
     pids = []
     for base in CGROUP_ROOTS:
-        for procs in (base / name).rglob("cgroup.procs"):
+        for folder in cgroup_dirs(base / name):
             with contextlib.suppress(OSError):
-                pids += [int(p) for p in procs.read_text().split()]
+                pids += [int(p) for p in (folder / "cgroup.procs").read_text().split()]
     return pids
 
 
@@ -524,13 +530,9 @@ def remove_cgroups(name: str) -> None:
     for base in CGROUP_ROOTS:
         top = base / name
         if top.is_dir():
-            for path in sorted(
-                (p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)
-            ):
+            for path in cgroup_dirs(top):  # top itself comes last
                 with contextlib.suppress(OSError):
                     path.rmdir()
-            with contextlib.suppress(OSError):
-                top.rmdir()
             with contextlib.suppress(OSError):
                 top.parent.rmdir()  # greeter-lab itself, once no other lab uses it
 
