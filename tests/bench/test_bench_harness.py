@@ -239,6 +239,24 @@ def test_noop_rounds_time_deploy_yml_and_site_yml_alternating_which_config_goes_
     assert {k: len(v["project"]) for k, v in res.runs.items()} == {"noop3": 2, "site3": 2}
 
 
+def test_noop_rounds_turn_three_configs_when_the_conventional_role_is_deployed():
+    runner, res = RecordingRunner(), deploy.Results()
+    deploy.noop_rounds(runner, deploy.Config(rounds=3, scenarios=("noop3",)), res, 3, True)
+    orders = [[config for _, config, _ in runner.calls[i : i + 3]] for i in (0, 3, 6)]
+    assert orders == [
+        ["project", "baseline", "conventional"],
+        ["baseline", "conventional", "project"],
+        ["conventional", "project", "baseline"],
+    ]
+    assert {c: len(runs) for c, runs in res.runs["noop3"].items()} == {
+        "project": 3, "baseline": 3, "conventional": 3
+    }  # fmt: skip
+    s = deploy.summarise(res.runs)
+    assert s["noop3"]["ratio_conventional"]["median"] == 1.0
+    text = deploy.table(s, {}, res.runs)
+    assert "against a conventional role (bench/conventional/deploy.yml)" in text
+
+
 def test_deploy_table_shows_load_and_targets_ignore_the_site_yml_rerun_time():
     res = deploy.Results()
     for seconds, load in ((10.0, 4.0), (12.0, 9.0)):
