@@ -388,7 +388,7 @@ class RssSampler:
 
 @dataclass
 class Config:
-    rounds: int = 3
+    rounds: int = 5
     duration: float = 4.0
     warmup: float = 1.0
     levels: list[int] = field(default_factory=lambda: [1, 50, 500])
@@ -638,7 +638,7 @@ def table(s: dict, cfg: Config) -> str:
 
 def parse_args(argv: list[str] | None) -> Config:
     parser = argparse.ArgumentParser(prog="bench/run service", description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default: 5)")
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per measurement")
     parser.add_argument("--levels", default="1,50,500", help="calls in flight (default: 1,50,500)")
     parser.add_argument(
