@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -520,6 +520,14 @@ def summarise(rounds: list[dict], scaling: dict | None, cfg: Config) -> dict:
         )
         levels[level] = entry
     out: dict = {"levels": levels}
+    control = [r["control"] for r in rounds if "control" in r]
+    if control:
+        out["control_vs_baseline_1"] = summary(
+            ratios(
+                series(control, "h2load", 1, "calls_per_s"),
+                series(base, "h2load", 1, "calls_per_s"),
+            )
+        )
     if cfg.greeter_bench and 50 in cfg.levels:
         out["greeter_bench_vs_h2load_50"] = summary(
             ratios(
@@ -529,7 +537,7 @@ def summarise(rounds: list[dict], scaling: dict | None, cfg: Config) -> dict:
         )
     out["disturbed_retries"] = sum(
         run[tool][level]["disturbed_retries"]
-        for run in base + cand
+        for run in base + cand + control
         for tool in ("h2load", "greeter_bench")
         for level in run[tool]
     ) + sum(r["disturbed_retries"] for key in (scaling or {}) for r in scaling[key])
@@ -616,6 +624,9 @@ def table(s: dict, cfg: Config) -> str:
         f"{fmt_range(rss, 1, ' MB')} ({s['candidate_processes']} process(es)); "
         f"baseline {fmt_range(base_rss, 1, ' MB')}",
     ]
+    if "control_vs_baseline_1" in s:
+        ratio = fmt_range(s["control_vs_baseline_1"])
+        extra.append(f"- noise: the baseline against a second baseline at 1 in flight: {ratio}")
     if "greeter_bench_vs_h2load_50" in s:
         ratio = fmt_range(s["greeter_bench_vs_h2load_50"])
         extra.append(f"- greeter bench vs h2load at 50 in flight, same server: {ratio}")
@@ -672,9 +683,16 @@ def run(cfg: Config) -> tuple[str, list[Target]]:
     rounds = []
     for i in range(cfg.rounds):
         pair = {}
-        for key, spec in (("baseline", baseline_spec()), ("candidate", candidate_spec())):
-            print(f"service: round {i + 1}/{cfg.rounds}: {spec.name}", file=sys.stderr, flush=True)
-            pair[key] = measure_round(spec, cfg)
+        servers = [("baseline", baseline_spec(), cfg), ("candidate", candidate_spec(), cfg)]
+        if 1 in cfg.levels:
+            # A second baseline at 1 in flight, h2load only: how far noise alone moves a ratio.
+            servers.append(
+                ("control", baseline_spec(), replace(cfg, levels=[1], greeter_bench=False))
+            )
+        turn = i % len(servers)  # each server goes first in some rounds
+        for key, spec, round_cfg in servers[turn:] + servers[:turn]:
+            print(f"service: round {i + 1}/{cfg.rounds}: {key}", file=sys.stderr, flush=True)
+            pair[key] = measure_round(spec, round_cfg)
         rounds.append(pair)
     scaling = None
     if cfg.scaling:

@@ -65,6 +65,28 @@ def test_h2load_run_that_finished_no_call_is_retried_not_failed():
     assert not isinstance(raised.value, service.NotConnectedError)
 
 
+def _service_run(calls_per_s: float) -> dict:
+    figures = {
+        "calls_per_s": calls_per_s, "p99_ms": 1.0, "server_cpu_us_per_call": 100.0,
+        "server_cpu_share": 0.9, "disturbed_retries": 0, "rss_mb": [40.0],
+    }  # fmt: skip
+    return {"h2load": {1: figures}, "greeter_bench": {}, "processes": 1}
+
+
+def test_the_second_baseline_shows_the_noise_at_1_in_flight():
+    rounds = [
+        {"baseline": _service_run(b), "candidate": _service_run(c), "control": _service_run(a)}
+        for b, c, a in ((100.0, 95.0, 110.0), (100.0, 105.0, 90.0), (100.0, 100.0, 100.0))
+    ]
+    cfg = service.Config(rounds=3, levels=[1], greeter_bench=False, scaling=False)
+    s = service.summarise(rounds, None, cfg)
+    assert s["control_vs_baseline_1"]["median"] == 1.0
+    assert s["control_vs_baseline_1"]["min"] == 0.9 and s["control_vs_baseline_1"]["max"] == 1.1
+    assert "the baseline against a second baseline at 1 in flight: 1.00x (0.90-1.10)" in (
+        service.table(s, cfg)
+    )
+
+
 def test_server_that_cannot_start_is_reported_with_its_output(tmp_path):
     spec = service.ServerSpec(
         "broken", ["python3", "-c", "import sys; sys.exit('no port for you')"]
