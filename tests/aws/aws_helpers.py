@@ -68,6 +68,17 @@ def stop_emulator(process: subprocess.Popen[str]) -> int:
         raise
 
 
+def emulator_client(endpoint: str, service: str, region: str = REGION) -> Any:
+    """A boto3 client of the emulator at `endpoint`, with moto's dummy credentials."""
+    return boto3.client(
+        service,
+        endpoint_url=endpoint,
+        region_name=region,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",  # noqa: S106 - moto's dummy credentials
+    )
+
+
 def unwrap(value: Any) -> Any:
     """ansible-core 2.19 JSON wraps strings as {"__ansible_unsafe": ...}; return plain data."""
     if isinstance(value, dict):
@@ -148,13 +159,7 @@ class Aws:
         return unwrap(json.loads(result.stdout))
 
     def client(self, service: str) -> Any:
-        return boto3.client(
-            service,
-            endpoint_url=self.endpoint,
-            region_name=REGION,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",  # noqa: S106 - moto's dummy credentials
-        )
+        return emulator_client(self.endpoint, service)
 
     def instances(self, stack: str, *states: str) -> list[dict[str, Any]]:
         """The stack's instances (tagged by CloudFormation), optionally only in these states."""

@@ -6,9 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import boto3
 import pytest
-from aws_helpers import REPO, start_emulator, stop_emulator
+from aws_helpers import REPO, emulator_client, start_emulator, stop_emulator
 
 pytestmark = pytest.mark.aws
 
@@ -37,24 +36,12 @@ def test_the_emulator_serves_ubuntu_images_in_every_region_and_stops_cleanly(
     try:
         assert endpoint.startswith("http://127.0.0.1:")
         for region in ("us-east-1", "eu-central-1", "ap-southeast-2"):
-            client = boto3.client(
-                "ssm",
-                endpoint_url=endpoint,
-                region_name=region,
-                aws_access_key_id="testing",
-                aws_secret_access_key="testing",  # noqa: S106 - moto's dummy credentials
-            )
+            client = emulator_client(endpoint, "ssm", region)
             images = {
                 name: client.get_parameter(Name=name)["Parameter"]["Value"]
                 for name in (UBUNTU_22_04, UBUNTU_24_04)
             }
-            ec2 = boto3.client(
-                "ec2",
-                endpoint_url=endpoint,
-                region_name=region,
-                aws_access_key_id="testing",
-                aws_secret_access_key="testing",  # noqa: S106 - moto's dummy credentials
-            )
+            ec2 = emulator_client(endpoint, "ec2", region)
             known = ec2.describe_images(ImageIds=list(images.values()))["Images"]
             assert {image["OwnerId"] for image in known} == {"099720109477"}  # Canonical
             assert len(known) == 2
