@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support.lab import prefixed
 
 REPO = Path(__file__).resolve().parent.parent
 LAB = REPO / "lab" / "lab"
@@ -80,7 +81,7 @@ class LabSession:
 
 
 def lab_command(name: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    env = dict(os.environ, LAB_NAME=name)
+    env = dict(os.environ, LAB_NAME=prefixed(name))
     return subprocess.run(
         [str(LAB), *args],
         check=False,
@@ -105,10 +106,10 @@ def start_lab(name: str, count: int) -> LabSession:
     for line in exports.splitlines():
         key, _, value = line.removeprefix("export ").partition("=")
         env[key] = shlex.split(value)[0] if value else ""
-    state = REPO / ".lab" / name
+    state = REPO / ".lab" / prefixed(name)
     saved = json.loads((state / "lab.json").read_text())
     return LabSession(
-        name=name,
+        name=prefixed(name),
         state=state,
         env=env,
         hosts=[LabHost(h["name"], h["address"]) for h in saved["hosts"]],

@@ -24,12 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support.lab import prefixed
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(3600)]
 
 REPO = Path(__file__).resolve().parents[2]
 GREETER = REPO / ".venv" / "bin" / "greeter"
-LAB_NAME = os.environ.get("LAB_HARDENING_NAME", "hardening")
+BASE_NAME = os.environ.get("LAB_HARDENING_NAME", "hardening")
+LAB_NAME = prefixed(BASE_NAME)
 MAX_EXPOSURE = 1.5
 RESTART_SEC = 2  # the role's default greeter_restart_sec
 
@@ -142,7 +144,7 @@ def host(request: pytest.FixtureRequest) -> Host:
     by default a fresh one is started and taken down at the end of the session.
     """
     if not os.environ.get("LAB_HARDENING_REUSE"):
-        request.getfixturevalue("extra_lab")(LAB_NAME, 1)
+        request.getfixturevalue("extra_lab")(BASE_NAME, 1)
     lab_env = dict(os.environ, LAB_NAME=LAB_NAME)
     exports = subprocess.run(
         [str(REPO / "lab" / "lab"), "env"], env=lab_env, capture_output=True, text=True, check=True

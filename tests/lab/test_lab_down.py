@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from support.lab import prefixed
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -25,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 NAME = "tdown"
 
 
-def footprint(prefix: str, state: Path) -> dict[str, list[str]]:
+def footprint(prefix: str, state: Path, name: str) -> dict[str, list[str]]:
     """Everything on the machine that carries this lab's names or lives under its state folder."""
     mounts = [
         line.split()[4]
@@ -47,7 +48,7 @@ def footprint(prefix: str, state: Path) -> dict[str, list[str]]:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if str(state) in cmdline or f"_host {NAME} " in cmdline:
+        if str(state) in cmdline or f"_host {name} " in cmdline:
             processes.append(f"{proc.name}: {cmdline}")
     return {
         "mounts": mounts,
@@ -62,11 +63,10 @@ def test_lab_down_leaves_nothing_behind(
     lab: LabSession, extra_lab: Callable[[str, int], LabSession], lab_cli: Callable
 ) -> None:
     session_bridge = lab.bridge
-    prefix = f"gl-{NAME}"
-    state = REPO / ".lab" / NAME
     tdown = extra_lab(NAME, 2)
+    prefix, state = tdown.bridge, tdown.state
     try:
-        up = footprint(prefix, state)
+        up = footprint(prefix, state, tdown.name)
         assert len(up["mounts"]) == 3  # the hosts' tmpfs and an overlay per host
         assert len(up["netns"]) == 2
         assert len(up["links"]) == 3  # the bridge and one veth per host
@@ -81,7 +81,7 @@ def test_lab_down_leaves_nothing_behind(
         down = lab_cli(NAME, "down")
         elapsed = time.monotonic() - started
     assert down.returncode == 0, down.stderr
-    assert footprint(prefix, state) == {
+    assert footprint(prefix, state, tdown.name) == {
         "mounts": [],
         "netns": [],
         "links": [],
@@ -106,14 +106,14 @@ def _zombie_or_reused(pid: int) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     except OSError:
         return True
-    return str(REPO / ".lab" / NAME) not in cmdline and "labctl.py" not in cmdline
+    return str(REPO / ".lab" / prefixed(NAME)) not in cmdline and "labctl.py" not in cmdline
 
 
 def test_lab_env_fails_clearly_when_the_lab_is_not_up(lab_cli: Callable) -> None:
     result = lab_cli("nosuchlab", "env")
     assert result.returncode == 1
-    assert "lab nosuchlab is not up" in result.stderr
-    assert not (REPO / ".lab" / "nosuchlab").exists()
+    assert f"lab {prefixed('nosuchlab')} is not up" in result.stderr
+    assert not (REPO / ".lab" / prefixed("nosuchlab")).exists()
 
 
 def test_a_bad_lab_name_is_refused_before_anything_changes() -> None:
