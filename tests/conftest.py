@@ -9,114 +9,16 @@ Nothing is skipped: missing machine packages are installed by lab/host-deps.
 
 from __future__ import annotations
 
-import json
 import os
-import shlex
 import subprocess
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
-from support.lab import prefixed
 
-REPO = Path(__file__).resolve().parent.parent
-LAB = REPO / "lab" / "lab"
+# The lab plumbing lives in support.lab; these names stay importable from conftest.
+from support.lab import LabHost, LabSession, lab_command, start_lab
 
-
-@dataclass(frozen=True)
-class LabHost:
-    name: str  # inventory name, Name tag and hostname, e.g. greeter-1
-    address: str
-
-
-@dataclass
-class LabSession:
-    """A running lab: its environment, its hosts and small helpers to drive them."""
-
-    name: str
-    state: Path
-    env: dict[str, str]  # os.environ plus `lab/lab env`: use it for every ansible/aws command
-    hosts: list[LabHost]
-    subnet: str
-    bridge: str
-    bridge_address: str
-
-    @property
-    def git_mirror(self) -> Path:
-        """The bare repository served as git://<bridge>/greeter.git: push test commits here."""
-        return Path(self.env["LAB_GIT_MIRROR"])
-
-    def run(
-        self, *args: str, check: bool = True, timeout: float = 900
-    ) -> subprocess.CompletedProcess:
-        """Run a command from the repository root in the lab environment, capturing its output."""
-        result = subprocess.run(
-            list(args),
-            check=False,
-            cwd=REPO,
-            env=self.env,
-            text=True,
-            capture_output=True,
-            timeout=timeout,
-        )
-        if check and result.returncode != 0:
-            pytest.fail(
-                f"{shlex.join(args)} exited {result.returncode}\n"
-                f"--- stdout\n{result.stdout[-6000:]}\n--- stderr\n{result.stderr[-6000:]}"
-            )
-        return result
-
-    def ssh(
-        self, host: LabHost | str, command: str, check: bool = True
-    ) -> subprocess.CompletedProcess:
-        """Run a shell command on a lab host as `ubuntu` (through lab/lab ssh: route-checked)."""
-        name = host.name if isinstance(host, LabHost) else host
-        return self.run(str(LAB), "ssh", name, command, check=check, timeout=300)
-
-    def playbook(
-        self, playbook: str, *args: str, check: bool = True
-    ) -> subprocess.CompletedProcess:
-        return self.run("ansible-playbook", playbook, *args, check=check)
-
-
-def lab_command(name: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    env = dict(os.environ, LAB_NAME=prefixed(name))
-    return subprocess.run(
-        [str(LAB), *args],
-        check=False,
-        cwd=REPO,
-        env=env,
-        text=True,
-        capture_output=True,
-        timeout=timeout,
-    )
-
-
-def start_lab(name: str, count: int) -> LabSession:
-    """Bring a lab up from scratch (a leftover lab of that name is taken down first)."""
-    subprocess.run([str(REPO / "lab" / "host-deps")], check=True, timeout=900)
-    lab_command(name, "down")
-    up = lab_command(name, "up", str(count))
-    if up.returncode != 0:
-        lab_command(name, "down")
-        pytest.fail(f"lab/lab up {count} failed:\n{up.stdout}\n{up.stderr}")
-    exports = lab_command(name, "env").stdout
-    env = dict(os.environ)
-    for line in exports.splitlines():
-        key, _, value = line.removeprefix("export ").partition("=")
-        env[key] = shlex.split(value)[0] if value else ""
-    state = REPO / ".lab" / prefixed(name)
-    saved = json.loads((state / "lab.json").read_text())
-    return LabSession(
-        name=prefixed(name),
-        state=state,
-        env=env,
-        hosts=[LabHost(h["name"], h["address"]) for h in saved["hosts"]],
-        subnet=saved["subnet"],
-        bridge=saved["bridge"],
-        bridge_address=saved["bridge_address"],
-    )
+__all__ = ["LabHost", "LabSession", "lab_command", "start_lab"]
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+from support.net import free_port as free_loopback_port  # noqa: F401 -- the old name
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the virtualenv running pytest holds ansible-playbook too
@@ -27,13 +27,6 @@ REGION = "us-east-1"
 ADMIN_CIDR = "203.0.113.7/32"
 CLIENT_CIDR = "198.51.100.0/24"
 EMULATOR_START_SECONDS = 120  # moto is ready in 2-5 s; a loaded 2-core CI box is slower
-
-
-def free_loopback_port() -> int:
-    """A port nothing listens on right now (for the emulator, or as an unreachable endpoint)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_emulator(ready_file: Path) -> tuple[subprocess.Popen[str], str]:

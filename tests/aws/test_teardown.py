@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import re
 import select
 import signal
 import subprocess
@@ -15,15 +14,16 @@ from pathlib import Path
 
 import pytest
 from aws_helpers import BIN, REPO, Aws
+from support.ansible import recap as ansible_recap
 
 pytestmark = pytest.mark.aws
 
 
 def recap(output: str) -> dict[str, int]:
-    """localhost's counters from the PLAY RECAP line."""
-    match = re.search(r"^localhost\s+:\s+(.*)$", output, re.MULTILINE)
-    assert match, output
-    return {key: int(value) for key, value in re.findall(r"(\w+)=(\d+)", match.group(1))}
+    """localhost's counters from the PLAY RECAP."""
+    counters = ansible_recap(output)
+    assert "localhost" in counters, output
+    return counters["localhost"]
 
 
 def test_teardown_deletes_everything_and_a_rerun_changes_nothing(aws: Aws, stack: str) -> None:

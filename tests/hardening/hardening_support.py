@@ -9,11 +9,8 @@ trailers) are read with `nghttp` from nghttp2-client, which lab/host-deps instal
 from __future__ import annotations
 
 import contextlib
-import os
 import pathlib
-import select
 import shutil
-import signal
 import socket
 import ssl
 import struct
@@ -27,6 +24,10 @@ from dataclasses import dataclass, field
 
 import grpc
 from greeter import hello_pb2, hello_pb2_grpc
+
+# Shared with the other suites (tests/support); still importable from here.
+from support.net import free_port  # noqa: F401
+from support.server import Server  # noqa: F401
 
 BIN = pathlib.Path(sys.executable).parent
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -45,108 +46,9 @@ H2_ERRORS = {
 }
 
 
-def free_port() -> int:
-    """A loopback TCP port that was free a moment ago (the server binds it right after)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def greeting(name: str) -> str:
     """The one greeting the contract promises (hello.proto: 'Olá, <nome>!')."""
     return f"Olá, {name}!"
-
-
-@dataclass
-class Server:
-    """A greeter-server subprocess on loopback, started the way systemd starts it."""
-
-    port: int
-    args: list[str] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
-    proc: subprocess.Popen | None = None
-    log: pathlib.Path | None = None
-    notify: socket.socket | None = None
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 30.0) -> Server:
-        """Start and return once the server says READY=1 over NOTIFY_SOCKET (Type=notify)."""
-        tmp = pathlib.Path(tempfile.mkdtemp(prefix="greeter-hardening-"))
-        self.log = tmp / "server.log"
-        notify_path = tmp / "notify"
-        # Kept open until stop, as systemd keeps it: the server also notifies STOPPING=1.
-        notify = self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(str(notify_path))
-        env = {
-            **os.environ,
-            "NOTIFY_SOCKET": str(notify_path),
-            "GREETER_BIND": "127.0.0.1",
-            "GREETER_PORT": str(self.port),
-            **self.env,
-        }
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [str(BIN / "greeter-server"), *self.args],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"greeter-server exited early:\n{self.output()}")
-            ready, _, _ = select.select([notify], [], [], 0.2)
-            if ready and b"READY=1" in notify.recv(4096).split(b"\n"):
-                return self
-        self.stop()
-        raise RuntimeError(f"greeter-server not READY in {timeout}s:\n{self.output()}")
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log and self.log.exists() else ""
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def pids(self) -> set[int]:
-        """The server process and its workers (its process group)."""
-        assert self.proc is not None
-        pgid = self.proc.pid
-        found = set()
-        for entry in pathlib.Path("/proc").iterdir():
-            if entry.name.isdigit():
-                with contextlib.suppress(OSError, ValueError):
-                    if os.getpgid(int(entry.name)) == pgid:
-                        found.add(int(entry.name))
-        return found
-
-    def rss_kib(self) -> int:
-        """Resident memory of the server and its workers, in KiB."""
-        total = 0
-        for pid in self.pids():
-            with contextlib.suppress(OSError):
-                for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-        return total
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM (as systemd stops it); SIGKILL the group only if it hangs. Returns the status."""
-        try:
-            if self.proc is None or self.proc.poll() is not None:
-                return self.proc.returncode if self.proc else None
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                return self.proc.wait(timeout)
-        finally:
-            if self.notify is not None:
-                self.notify.close()
 
 
 def say_hello(channel: grpc.Channel, name: str, timeout: float = 10.0) -> str:

@@ -37,10 +37,8 @@ from hardening_support import (
     PREFACE,
     SETTINGS,
     WINDOW_UPDATE,
-    Server,
     client_hello,
     frame,
-    free_port,
     goaway_error,
     good_traffic,
     greeting,
@@ -55,6 +53,7 @@ from hardening_support import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.server import Server
 
 MAX_NAME_CHARS = 40
 MAX_MESSAGE_BYTES = 2048
@@ -74,18 +73,15 @@ pytestmark = pytest.mark.timeout(300)
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
     running = Server(
-        port=free_port(),
-        args=[
-            "--workers",
-            str(WORKERS),
-            "--max-name-chars",
-            str(MAX_NAME_CHARS),
-            "--max-message-bytes",
-            str(MAX_MESSAGE_BYTES),
-            "--grace",
-            "2",
-        ],
-    ).start()
+        "--workers",
+        str(WORKERS),
+        "--max-name-chars",
+        str(MAX_NAME_CHARS),
+        "--max-message-bytes",
+        str(MAX_MESSAGE_BYTES),
+        "--grace",
+        "2",
+    )
     yield running
     status = running.stop()
     assert status == 0, f"greeter-server exited {status} on SIGTERM:\n{running.output()}"

@@ -13,7 +13,8 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from hardening_support import Server, free_port
+from support.net import free_port
+from support.server import Server
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SOAK = REPO / "lab" / "soak"
@@ -25,15 +26,14 @@ STEADY_GROWTH_MIB = 12
 
 @pytest.fixture
 def server() -> Iterator[Server]:
-    running = Server(port=free_port(), args=["--workers", "2", "--grace", "2"]).start()
+    running = Server("--workers", "2", "--grace", "2")
     yield running
     assert running.stop() == 0, running.output()
 
 
 def soak(server: Server, seconds: int) -> dict:
-    assert server.proc is not None
     result = subprocess.run(
-        [str(SOAK), server.target, "--pid", str(server.proc.pid), "-c", "1000",
+        [str(SOAK), server.target, "--pid", str(server.process.pid), "-c", "1000",
          "-z", f"{seconds}s", "--interval", "1", "--warmup", "3", "--json"],
         capture_output=True, text=True, timeout=seconds + 120, check=False,
     )  # fmt: skip

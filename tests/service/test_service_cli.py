@@ -9,11 +9,12 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from conftest import CLIENT, clean_env, free_port, run_client
 from greeter import hello_pb2 as pb
 from greeter import hello_pb2_grpc as pb_grpc
 from greeter.server import SERVICE_NAME, Greeter, Health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support.net import free_port
+from support.server import CLIENT, clean_env, run_client
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

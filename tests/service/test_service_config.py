@@ -5,8 +5,9 @@ import socket
 import subprocess
 
 import pytest
-from conftest import SERVER, Server, clean_env, free_port
 from greeter import server as greeter_server
+from support.net import free_port
+from support.server import SERVER, Server, clean_env
 
 
 def run_server(*args: str, **env: str) -> subprocess.CompletedProcess:

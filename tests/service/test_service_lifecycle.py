@@ -10,11 +10,11 @@ from datetime import datetime
 
 import grpc
 import pytest
-from conftest import clean_env
 from greeter import hello_pb2 as pb
 from greeter import hello_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from support.server import clean_env
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 

@@ -1,1 +1,7 @@
-"""What the test suites share (importable as ``support`` through pytest.ini's pythonpath)."""
+"""What the test suites share, importable as ``support.<module>`` (pytest.ini's pythonpath).
+
+- ``support.net``: ``free_port()``
+- ``support.server``: ``Server`` (a real greeter-server subprocess), ``clean_env``, ``run_client``
+- ``support.ansible``: ``recap()`` (PLAY RECAP counters), ``with_ssh_options()``
+- ``support.lab``: ``prefixed()``, ``LabSession``/``LabHost`` and starting or attaching to labs
+"""

@@ -1,8 +1,18 @@
-"""Names of the labs the test suites start."""
+"""Test labs (lab/lab): their names, and a running lab's environment, hosts and helpers."""
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+LAB = REPO / "lab" / "lab"
 
 
 def prefixed(name: str) -> str:
@@ -11,3 +21,118 @@ def prefixed(name: str) -> str:
     adds its id (gw0-, gw1-, ...): every worker brings up labs of its own."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     return os.environ.get("LAB_TEST_PREFIX", "") + (f"{worker}-" if worker else "") + name
+
+
+def output(result: subprocess.CompletedProcess) -> str:
+    """stdout and stderr of a finished command, together."""
+    return (result.stdout or "") + (result.stderr or "")
+
+
+@dataclass(frozen=True)
+class LabHost:
+    name: str  # inventory name, Name tag and hostname, e.g. greeter-1
+    address: str
+    veth: str = ""  # its veth end on the machine (on the lab bridge): `ip link set <veth> down`
+
+
+@dataclass
+class LabSession:
+    """A running lab: its environment, its hosts and small helpers to drive them."""
+
+    name: str
+    state: Path
+    env: dict[str, str]  # os.environ plus `lab/lab env`: use it for every ansible/aws command
+    hosts: list[LabHost]
+    subnet: str
+    bridge: str
+    bridge_address: str
+    commit: str = ""  # the commit `lab/lab up` put on the mirror's main and in the inventory
+
+    @property
+    def git_mirror(self) -> Path:
+        """The bare repository served as git://<bridge>/greeter.git: push test commits here."""
+        return Path(self.env["LAB_GIT_MIRROR"])
+
+    def run(
+        self,
+        *args: str,
+        check: bool = True,
+        timeout: float = 900,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess:
+        """Run a command from the repository root in the lab environment, capturing its output."""
+        result = subprocess.run(
+            list(args),
+            check=False,
+            cwd=REPO,
+            env=env or self.env,
+            text=True,
+            capture_output=True,
+            timeout=timeout,
+        )
+        if check and result.returncode != 0:
+            pytest.fail(
+                f"{shlex.join(args)} exited {result.returncode}\n"
+                f"--- stdout\n{result.stdout[-6000:]}\n--- stderr\n{result.stderr[-6000:]}"
+            )
+        return result
+
+    def ssh(
+        self, host: LabHost | str, command: str, check: bool = True
+    ) -> subprocess.CompletedProcess:
+        """Run a shell command on a lab host as `ubuntu` (through lab/lab ssh: route-checked)."""
+        name = host.name if isinstance(host, LabHost) else host
+        return self.run(str(LAB), "ssh", name, command, check=check, timeout=300)
+
+    def playbook(
+        self, playbook: str, *args: str, check: bool = True, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
+        return self.run("ansible-playbook", playbook, *args, check=check, env=env)
+
+
+def lab_command(name: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """lab/lab with LAB_NAME=prefixed(name), capturing its output."""
+    env = dict(os.environ, LAB_NAME=prefixed(name))
+    return subprocess.run(
+        [str(LAB), *args],
+        check=False,
+        cwd=REPO,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+    )
+
+
+def attach_lab(name: str) -> LabSession:
+    """The LabSession of lab `name` (prefixed), which is up already."""
+    exports = lab_command(name, "env")
+    if exports.returncode != 0:
+        pytest.fail(f"lab/lab env of {prefixed(name)} failed:\n{output(exports)}")
+    env = dict(os.environ)
+    for line in exports.stdout.splitlines():
+        key, _, value = line.removeprefix("export ").partition("=")
+        env[key] = shlex.split(value)[0] if value else ""
+    state = REPO / ".lab" / prefixed(name)
+    saved = json.loads((state / "lab.json").read_text())
+    return LabSession(
+        name=prefixed(name),
+        state=state,
+        env=env,
+        hosts=[LabHost(h["name"], h["address"], h.get("veth", "")) for h in saved["hosts"]],
+        subnet=saved["subnet"],
+        bridge=saved["bridge"],
+        bridge_address=saved["bridge_address"],
+        commit=saved.get("commit", ""),
+    )
+
+
+def start_lab(name: str, count: int) -> LabSession:
+    """Bring a lab up from scratch (a leftover lab of that name is taken down first)."""
+    subprocess.run([str(REPO / "lab" / "host-deps")], check=True, timeout=900)
+    lab_command(name, "down")
+    up = lab_command(name, "up", str(count))
+    if up.returncode != 0:
+        lab_command(name, "down")
+        pytest.fail(f"lab/lab up {count} failed:\n{up.stdout}\n{up.stderr}")
+    return attach_lab(name)
