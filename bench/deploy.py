@@ -249,6 +249,11 @@ class Runner:
             "ANSIBLE_NOCOLOR": "1",
             **(dict(self.cfg.project_env) if config == "project" else {}),
         }
+        if config == "conventional":
+            # Ansible's default ssh_args, plus only the lab's own options (known_hosts): the
+            # lab env's ANSIBLE_SSH_ARGS carries the project's ansible.cfg ssh_args.
+            del env["ANSIBLE_SSH_ARGS"]
+            env["ANSIBLE_SSH_COMMON_ARGS"] = self.lab.env["LAB_SSH_OPTIONS"]
         argv = [str(BIN / "ansible-playbook"), playbook, *extra]
         load = os.getloadavg()[0]  # the machine is shared: how busy it was, next to each figure
         started = time.monotonic()

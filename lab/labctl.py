@@ -11,6 +11,7 @@ even without the project's virtualenv.
 from __future__ import annotations
 
 import argparse
+import configparser
 import contextlib
 import fcntl
 import hashlib
@@ -659,6 +660,20 @@ def write_inventory(lab: Lab) -> None:
         )
 
 
+def ansible_ssh_args(lab: Lab) -> str:
+    """ANSIBLE_SSH_ARGS: the lab's SSH options, then ansible.cfg's ssh_args.
+
+    OpenSSH keeps the FIRST value of an option, and Ansible puts ssh_args before
+    ssh_common_args: in ANSIBLE_SSH_COMMON_ARGS, the lab's StrictHostKeyChecking=yes would lose
+    to ansible.cfg's accept-new. Set here (replacing ansible.cfg's ssh_args, so they are repeated
+    after the lab's), the lab's options come first and apply.
+    """
+    config = configparser.ConfigParser(interpolation=None)
+    config.read(REPO / "ansible.cfg")
+    project = config.get("ssh_connection", "ssh_args", fallback="")
+    return " ".join([shlex.join(ssh_options(lab)[2:]), project]).strip()
+
+
 def venv_path() -> str:
     """PATH with the project's virtualenv first (once, however often `lab env` is evaluated)."""
     rest = [p for p in os.environ.get("PATH", "/usr/bin:/bin").split(":") if p != str(VENV_BIN)]
@@ -682,7 +697,9 @@ def environment(lab: Lab) -> dict[str, str]:
         "AWS_EC2_METADATA_DISABLED": "true",
         "ANSIBLE_INVENTORY": f"{REPO / 'inventory'},{lab.state / 'inventory'}",
         "ANSIBLE_PRIVATE_KEY_FILE": str(lab.state / "ssh" / "id_ed25519"),
-        "ANSIBLE_SSH_COMMON_ARGS": shlex.join(ssh_options(lab)[2:]),
+        # The lab's own SSH options (known_hosts, key checking), and with ansible.cfg's after them.
+        "LAB_SSH_OPTIONS": shlex.join(ssh_options(lab)[2:]),
+        "ANSIBLE_SSH_ARGS": ansible_ssh_args(lab),
         "ANSIBLE_HOME": str(ansible_home),
         "ANSIBLE_SSH_CONTROL_PATH_DIR": str(ansible_home / "cp"),
         "PATH": venv_path(),

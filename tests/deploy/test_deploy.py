@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from support.ansible import recap, with_ssh_options
 
 if TYPE_CHECKING:
     from conftest import LabSession
@@ -28,24 +29,10 @@ pytestmark = pytest.mark.lab
 REPO = Path(__file__).resolve().parents[2]
 # LAB_DEPLOY_NAME picks another lab name, so a second checkout can run these tests meanwhile.
 LAB_NAME = os.environ.get("LAB_DEPLOY_NAME", "deploy")
-RECAP = re.compile(
-    r"^(?P<host>\S+)\s+: ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)"
-    r"\s+unreachable=(?P<unreachable>\d+)\s+failed=(?P<failed>\d+)"
-)
 TIMINGS: dict[str, float] = {}
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-
-def recap(output: str) -> dict[str, dict[str, int]]:
-    """The PLAY RECAP counters per host."""
-    found = {}
-    for line in output.splitlines():
-        match = RECAP.match(line)
-        if match:
-            found[match["host"]] = {k: int(v) for k, v in match.groupdict().items() if k != "host"}
-    return found
 
 
 def note(what: str, seconds: float) -> None:
@@ -345,12 +332,8 @@ def test_a_host_lost_mid_rollout_is_reported_and_a_rerun_converges(
         fleet, tmp_path, "Another release", lambda clone: (clone / "UPGRADE").write_text("3\n")
     )
     veth = json.loads((fleet.state / "lab.json").read_text())["hosts"][2]["veth"]
-    env = dict(fleet.env)
     # A dead peer must be noticed in seconds, not after TCP's retransmission timeout.
-    env["ANSIBLE_SSH_COMMON_ARGS"] = (
-        env.get("ANSIBLE_SSH_COMMON_ARGS", "")
-        + " -o ServerAliveInterval=2 -o ServerAliveCountMax=2"
-    )
+    env = with_ssh_options(fleet.env, "-o", "ServerAliveInterval=2", "-o", "ServerAliveCountMax=2")
     args = ["ansible-playbook", "playbooks/deploy.yml", "-e", f"greeter_version={new}"]
     args += ["-e", '{"greeter_serial": 1}']
     env["ANSIBLE_SSH_CONTROL_PATH_DIR"] = str(tmp_path / "cp")  # no master without those options

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import signal
 import subprocess
 import time
@@ -24,33 +23,55 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support.lab import prefixed
+from support.ansible import with_ssh_options
+from support.lab import LabSession, attach_lab, output
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(3600)]
 
 REPO = Path(__file__).resolve().parents[2]
 GREETER = REPO / ".venv" / "bin" / "greeter"
 BASE_NAME = os.environ.get("LAB_HARDENING_NAME", "hardening")
-LAB_NAME = prefixed(BASE_NAME)
 MAX_EXPOSURE = 1.5
 RESTART_SEC = 2  # the role's default greeter_restart_sec
 
 
 @dataclass
 class Host:
-    """The hardening lab, its one host and the commit the fixture deployed."""
+    """The hardening lab, its one host and the commit the host serves now."""
 
-    state: Path  # the lab's state folder (.lab/<name>)
-    env: dict[str, str]  # os.environ plus `lab/lab env`
-    name: str
-    address: str
-    veth: str  # the host's veth end on the machine (on the lab bridge)
-    bridge_address: str
-    base: str  # the commit the lab was started with
-    current: str = ""  # the commit the host serves now
+    lab: LabSession
+    current: str = ""  # the commit the host serves now (the lab's commit at first)
 
     def __post_init__(self) -> None:
         self.current = self.current or self.base
+
+    @property
+    def state(self) -> Path:  # the lab's state folder (.lab/<name>)
+        return self.lab.state
+
+    @property
+    def env(self) -> dict[str, str]:  # os.environ plus `lab/lab env`
+        return self.lab.env
+
+    @property
+    def name(self) -> str:
+        return self.lab.hosts[0].name
+
+    @property
+    def address(self) -> str:
+        return self.lab.hosts[0].address
+
+    @property
+    def veth(self) -> str:  # the host's veth end on the machine (on the lab bridge)
+        return self.lab.hosts[0].veth
+
+    @property
+    def bridge_address(self) -> str:
+        return self.lab.bridge_address
+
+    @property
+    def base(self) -> str:  # the commit the lab was started with
+        return self.lab.commit
 
     @property
     def target(self) -> str:
@@ -59,21 +80,15 @@ class Host:
     def run(
         self, *args: str, check: bool = True, timeout: float = 900
     ) -> subprocess.CompletedProcess:
-        result = subprocess.run(
-            list(args), cwd=REPO, env=self.env, capture_output=True, text=True,
-            timeout=timeout, check=False,
-        )  # fmt: skip
-        if check and result.returncode != 0:
-            pytest.fail(f"{' '.join(args)} exited {result.returncode}\n{output(result)[-6000:]}")
-        return result
+        return self.lab.run(*args, check=check, timeout=timeout)
 
     def ssh(self, command: str, check: bool = True) -> subprocess.CompletedProcess:
-        return self.run(str(REPO / "lab" / "lab"), "ssh", self.name, command, check=check)
+        return self.lab.ssh(self.name, command, check=check)
 
     def playbook(
         self, playbook: str, *args: str, check: bool = True
     ) -> subprocess.CompletedProcess:
-        return self.run("ansible-playbook", playbook, *args, check=check)
+        return self.lab.playbook(playbook, *args, check=check)
 
     def deploy(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """playbooks/deploy.yml of the current commit, unless `args` name another version."""
@@ -109,10 +124,6 @@ class Host:
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
-def output(result: subprocess.CompletedProcess) -> str:
-    return result.stdout + result.stderr
-
-
 def new_commit(host: Host, label: str) -> str:
     """A commit no host has built: the base tree under a new id, on a branch of the lab mirror."""
     mirror = host.state / "git" / "greeter.git"
@@ -143,22 +154,11 @@ def host(request: pytest.FixtureRequest) -> Host:
     LAB_HARDENING_REUSE=1 reuses a lab of that name already up (to iterate on these tests);
     by default a fresh one is started and taken down at the end of the session.
     """
-    if not os.environ.get("LAB_HARDENING_REUSE"):
-        request.getfixturevalue("extra_lab")(BASE_NAME, 1)
-    lab_env = dict(os.environ, LAB_NAME=LAB_NAME)
-    exports = subprocess.run(
-        [str(REPO / "lab" / "lab"), "env"], env=lab_env, capture_output=True, text=True, check=True
-    ).stdout
-    for line in exports.splitlines():
-        key, _, value = line.removeprefix("export ").partition("=")
-        lab_env[key] = shlex.split(value)[0] if value else ""
-    state = REPO / ".lab" / LAB_NAME
-    saved = json.loads((state / "lab.json").read_text())
-    first = saved["hosts"][0]
-    ready = Host(
-        state, lab_env, first["name"], first["address"], first["veth"],
-        saved["bridge_address"], saved["commit"],
-    )  # fmt: skip
+    if os.environ.get("LAB_HARDENING_REUSE"):
+        lab = attach_lab(BASE_NAME)
+    else:
+        lab = request.getfixturevalue("extra_lab")(BASE_NAME, 1)
+    ready = Host(lab)
     ready.playbook("playbooks/provision.yml")
     ready.deploy()
     ready.assert_serves(ready.base)
@@ -387,11 +387,7 @@ def test_package_source_gone_during_deploy(host: Host) -> None:
 def test_host_losing_its_network_during_deploy(host: Host) -> None:
     """The host's link goes down while it builds the new release, and comes back."""
     commit = new_commit(host, "link-down")
-    env = dict(host.env)
-    env["ANSIBLE_SSH_COMMON_ARGS"] = (
-        env.get("ANSIBLE_SSH_COMMON_ARGS", "")
-        + " -o ServerAliveInterval=3 -o ServerAliveCountMax=2"
-    )
+    env = with_ssh_options(host.env, "-o", "ServerAliveInterval=3", "-o", "ServerAliveCountMax=2")
     env["ANSIBLE_TIMEOUT"] = "10"
     # A fresh SSH master: one kept from an earlier run would not have the keep-alive options.
     env["ANSIBLE_SSH_CONTROL_PATH_DIR"] = str(host.state / "ansible" / "cp-link-down")
