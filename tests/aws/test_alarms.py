@@ -4,21 +4,15 @@ bad input, and nothing left after teardown."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import pytest
 from aws_helpers import REGION, Aws, tags
+from support.ansible import recap
 
 pytestmark = pytest.mark.aws
 
 ACCOUNT = "123456789012"  # moto's account
-
-
-def recap(output: str) -> dict[str, int]:
-    match = re.search(r"^localhost\s+:\s+(.*)$", output, re.MULTILINE)
-    assert match, output
-    return {key: int(value) for key, value in re.findall(r"(\w+)=(\d+)", match.group(1))}
 
 
 def alarms(aws: Aws, stack: str) -> dict[str, dict[str, Any]]:
@@ -38,7 +32,7 @@ def topics(aws: Aws, stack: str) -> list[str]:
 def run_alarms(aws: Aws, stack: str, *extra_vars: str) -> dict[str, int]:
     result = aws.playbook(stack, "alarms.yml", *extra_vars)
     assert result.returncode == 0, result.stdout + result.stderr
-    return recap(result.stdout)
+    return recap(result.stdout)["localhost"]
 
 
 def instance_ids(aws: Aws, stack: str) -> dict[str, str]:
