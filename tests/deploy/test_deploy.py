@@ -173,10 +173,24 @@ def test_bad_variables_fail_before_any_host_changes(fleet: LabSession) -> None:
         assert untouched.returncode == 0, f"{host.name} was changed by a rejected run"
 
 
+# Where a run that changes nothing may still leave traces: Ansible's own temporary files in the
+# login user's home, the journal, /tmp (where the marker is).
+CHURN = ("/tmp", "/var/tmp", "/var/log", "/home/ubuntu")
+CHANGED_SINCE_MARKER = (
+    "sudo find / -xdev -newer /tmp/check-marker -not -path '/proc/*' -not -path '/sys/*'"
+    " -not -path '/run/*' -not -path '/dev/*' 2>/dev/null; true"
+)
+
+
 def test_check_mode_on_fresh_hosts_changes_nothing(fleet: LabSession) -> None:
+    for host in fleet.hosts:  # whatever a real run would write is newer than this marker
+        fleet.ssh(host, "sudo touch /tmp/check-marker && sleep 1.1")
     result = fleet.playbook("playbooks/deploy.yml", "--check", "--diff")
     assert "greeter.service" in result.stdout  # the diff shows the unit it would write
     for host in fleet.hosts:
+        changed = fleet.ssh(host, CHANGED_SINCE_MARKER).stdout.split()
+        written = [path for path in changed if not path.startswith(CHURN)]
+        assert written == [], f"{host.name}: --check wrote {written}"
         assert fleet.ssh(host, "test ! -e /opt/greeter", check=False).returncode == 0
 
 

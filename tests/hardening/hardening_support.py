@@ -221,14 +221,18 @@ class Traffic:
 
 
 @contextlib.contextmanager
-def good_traffic(target: str, clients: int = 4) -> Iterator[Traffic]:
+def good_traffic(target: str, clients: int = 4, timeout: float = 30) -> Iterator[Traffic]:
     """Well-behaved clients calling SayHello in a loop, each on its own channel.
 
     Every answer must be exactly right; any error or wrong text is recorded as a failure.
+    The block runs only once every client has had an answer, and ends only once every client
+    has had another one, started after the block: so the abuse inside really met live traffic
+    and its effect on the next call is seen. A client left without an answer is a failure.
     """
     stats = Traffic()
     stop = threading.Event()
     lock = threading.Lock()
+    answered = [0] * clients  # calls answered, per client
 
     def run(index: int) -> None:
         name = f"bom cliente {index}"
@@ -242,15 +246,31 @@ def good_traffic(target: str, clients: int = 4) -> Iterator[Traffic]:
                     problem = f"{error.code()}: {error.details()}"
                 with lock:
                     stats.calls += 1
+                    answered[index] += 1
                     if problem:
                         stats.failures.append(problem)
                 time.sleep(0.005)
+
+    def wait_for_calls(wanted: list[int], when: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with lock:
+                if all(done >= want for done, want in zip(answered, wanted, strict=True)):
+                    return
+            time.sleep(0.01)
+        with lock:
+            stats.failures.append(f"a good client got no answer {when} within {timeout} s")
 
     threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(clients)]
     for thread in threads:
         thread.start()
     try:
+        wait_for_calls([1] * clients, "before the abuse")
         yield stats
+        with lock:
+            # +2: the call in progress when the block ended may have started before it.
+            after = [done + 2 for done in answered]
+        wait_for_calls(after, "after the abuse")
     finally:
         stop.set()
         for thread in threads:

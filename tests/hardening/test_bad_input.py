@@ -213,6 +213,7 @@ def test_oversized_requests_are_resource_exhausted(
         status, _ = raw_status(channel, body)
     assert status == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert traffic.failures == []
+    assert traffic.calls > 0
 
 
 def test_a_name_over_the_limit_but_under_the_message_size_is_invalid_argument(
@@ -266,6 +267,7 @@ def test_malformed_grpc_messages_get_their_status(server: Server, case: str) -> 
     assert answer.get(":status") == "200", answer
     assert answer.get("grpc-status") == status, answer
     assert traffic.failures == []
+    assert traffic.calls > 0
 
 
 def test_a_well_formed_hand_built_request_gets_the_greeting(server: Server) -> None:

@@ -1,11 +1,14 @@
 """The ``greeter`` command: hello, probe and bench output and exit codes, live and dead."""
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -19,18 +22,44 @@ from support.server import CLIENT, clean_env, run_client
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
+def socket_owner(port: int) -> int | None:
+    """The PID of the local process whose TCP socket has local port ``port`` (from /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    for process in Path("/proc").iterdir():
+        if process.name.isdigit():
+            with contextlib.suppress(OSError):
+                for fd in (process / "fd").iterdir():
+                    if os.readlink(fd) in inodes:
+                        return int(process.name)
+    return None
+
+
 class CountingGreeter(Greeter):
-    """The real servicer, counting the SayHello calls that reached it."""
+    """The real servicer, counting the SayHello calls that reached it and the client processes
+    (the owner of each peer's socket) that made them."""
 
     def __init__(self) -> None:
         super().__init__(256, pb.VersionInfo(version="test"))
         self.calls = 0
+        self.peers: dict[str, int | None] = {}  # "ipv4:127.0.0.1:<port>" -> client PID
         self._lock = threading.Lock()
 
     def SayHello(self, request, context):
+        peer = context.peer()
         with self._lock:
             self.calls += 1
+            if peer not in self.peers:
+                self.peers[peer] = socket_owner(int(peer.rsplit(":", 1)[1]))
         return super().SayHello(request, context)
+
+    @property
+    def client_pids(self) -> set[int | None]:
+        return set(self.peers.values())
 
 
 class InProcessServer:
@@ -197,7 +226,9 @@ def test_bench_over_several_processes_merges_their_counts(counting_servers):
     code, report = bench_json(server.target, "-n", "501", "-c", "10", "--procs", "2")
     assert code == 0
     assert report["count"] == server.greeter.calls == 501
-    assert report["options"]["procs"] == 2
+    # The calls came from two client processes (not one process that was told "2").
+    assert len(server.greeter.client_pids) == 2, server.greeter.peers
+    assert None not in server.greeter.client_pids, server.greeter.peers
 
 
 def test_bench_spreads_calls_round_robin_over_the_fleet(counting_servers):
