@@ -18,6 +18,8 @@ def test_provision_creates_the_stack_with_every_host_locked_down(aws: Aws, stack
         "greeter_stack_environment=staging",
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    # template_body, not the `template` parameter amazon.aws removes after 2026-05-01.
+    assert "Param 'template' is deprecated" not in result.stdout + result.stderr
 
     instances = aws.instances(stack, "running")
     assert sorted(tags(i)["Name"] for i in instances) == [f"{stack}-1", f"{stack}-2", f"{stack}-3"]
