@@ -129,6 +129,13 @@ OPTIONS = (
         "log_level", "GREETER_LOG_LEVEL", _log_level, lambda: "info", "debug/info/warning/error"
     ),
     Option(
+        "metrics_port",
+        "GREETER_METRICS_PORT",
+        _int_in(0, 65535),
+        lambda: 0,
+        "TCP port serving Prometheus metrics at /metrics on the --bind address (0: off)",
+    ),
+    Option(
         "revision",
         "GREETER_REVISION",
         str.strip,
@@ -154,11 +161,16 @@ class ServerConfig:
     grace: float
     drain_delay: float
     log_level: str
+    metrics_port: int
     revision: str
 
     @property
     def address(self) -> str:
         return f"{self.bind}:{self.port}"
+
+    @property
+    def metrics_address(self) -> str:
+        return f"{self.bind}:{self.metrics_port}"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -210,6 +222,10 @@ def parse_args(
     config = ServerConfig(**values)
     if (config.tls_cert is None) != (config.tls_key is None):
         parser.error("--tls-cert and --tls-key (GREETER_TLS_CERT/KEY) must be given together")
+    if config.metrics_port == config.port:
+        parser.error(
+            f"--metrics-port (GREETER_METRICS_PORT) must differ from --port, got {config.port}"
+        )
     if config.tls_client_ca and not config.tls_cert:
         parser.error("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
     return config

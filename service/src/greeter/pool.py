@@ -77,6 +77,10 @@ class ElasticThreadPool(futures.Executor):
                         future.set_exception(error)
                     else:
                         future.set_result(result)
+                # Free the call's objects now, not when this thread's next call comes: the
+                # metrics count a call as done when gRPC's last reference to it goes.
+                del item, future, fn, args, kwargs
+                result = None
                 self._finished += 1
         finally:
             with self._lock:

@@ -31,7 +31,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from greeter import __version__, config, logs, sdnotify
+from greeter import __version__, config, logs, metrics, sdnotify
 from greeter import hello_pb2 as pb
 from greeter import hello_pb2_grpc as pb_grpc
 from greeter.pool import ElasticThreadPool
@@ -135,15 +135,21 @@ def _read(path: str | None, flag: str) -> bytes | None:
 
 
 def check_port_free(settings: config.ServerConfig) -> None:
-    """Fail clearly if the address is taken, before any worker starts.
+    """Fail clearly if the gRPC or the metrics address is taken, before any worker starts.
 
     gRPC itself would bind next to another SO_REUSEPORT listener without complaint, so a
     plain bind (no SO_REUSEPORT) tells whether anybody already listens there.
     """
+    _check_free(settings, settings.port, settings.address)
+    if settings.metrics_port:
+        _check_free(settings, settings.metrics_port, settings.metrics_address)
+
+
+def _check_free(settings: config.ServerConfig, port: int, where: str) -> None:
     host = settings.bind.strip("[]")
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
-            host, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
     except socket.gaierror as error:
         config.fail(f"--bind {settings.bind}: {error.strerror}")
@@ -158,13 +164,14 @@ def check_port_free(settings: config.ServerConfig) -> None:
         try:
             probe.bind(address)
         except OSError as error:
-            config.fail(f"cannot listen on {settings.address}: {error.strerror}", status=1)
+            config.fail(f"cannot listen on {where}: {error.strerror}", status=1)
 
 
 def build_server(settings: config.ServerConfig, tls: TlsFiles) -> tuple[grpc.Server, Health]:
-    """A server, bound but not started, with Greeter, health and reflection."""
+    """A server, bound but not started, with Greeter, health, reflection and maybe metrics."""
     server = grpc.server(
         ElasticThreadPool(settings.threads),
+        interceptors=[metrics.CallMetrics()] if settings.metrics_port else None,
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
@@ -247,6 +254,7 @@ def _serving_fields(settings: config.ServerConfig, tls: TlsFiles) -> dict[str, o
         "mtls": tls.client_ca is not None,
         "version": __version__,
         "commit": settings.revision,
+        "metrics_port": settings.metrics_port,
     }
 
 
@@ -261,6 +269,8 @@ def run_single(settings: config.ServerConfig, tls: TlsFiles) -> int:
         _notify("STOPPING=1")
         logs.event(log, "draining", drain_delay=settings.drain_delay, grace=settings.grace)
 
+    if settings.metrics_port:
+        metrics.start_endpoint(settings.bind, settings.metrics_port, settings.revision)
     serve(settings, tls, ready, stopping)
     return 0
 
@@ -300,6 +310,8 @@ def _start_workers(
 def supervise(settings: config.ServerConfig, tls: TlsFiles) -> int:
     """Fork the workers, tell systemd when all serve, and stop them all together."""
     workers, waiting = _start_workers(settings, tls)
+    if settings.metrics_port:  # after the fork: the endpoint's thread stays in this process
+        metrics.start_endpoint(settings.bind, settings.metrics_port, settings.revision)
     wake_reader, wake_writer = socket.socketpair()
     wake_writer.setblocking(False)
     signal.set_wakeup_fd(wake_writer.fileno())
@@ -384,9 +396,14 @@ def main(argv: list[str] | None = None) -> int:
         version=__version__,
         commit=settings.revision,
     )
-    if settings.workers == 1:
-        return run_single(settings, tls)
-    return supervise(settings, tls)
+    directory = metrics.create_directory() if settings.metrics_port else None
+    try:
+        if settings.workers == 1:
+            return run_single(settings, tls)
+        return supervise(settings, tls)
+    finally:
+        if directory:
+            metrics.remove_directory(directory)
 
 
 if __name__ == "__main__":
