@@ -16,6 +16,7 @@ def test_provision_creates_the_stack_with_every_host_locked_down(aws: Aws, stack
         "greeter_stack_instance_count=3",
         "greeter_stack_project=shop",
         "greeter_stack_environment=staging",
+        "greeter_stack_metrics_port=9464",
     )
     assert result.returncode == 0, result.stdout + result.stderr
     # template_body, not the `template` parameter amazon.aws removes after 2026-05-01.
@@ -45,7 +46,11 @@ def test_provision_creates_the_stack_with_every_host_locked_down(aws: Aws, stack
         for rule in group["IpPermissions"]
         for ip_range in rule["IpRanges"]
     }
-    assert ingress == {("tcp", 22, 22, ADMIN_CIDR), ("tcp", 50051, 50051, CLIENT_CIDR)}
+    assert ingress == {
+        ("tcp", 22, 22, ADMIN_CIDR),
+        ("tcp", 50051, 50051, CLIENT_CIDR),
+        ("tcp", 9464, 9464, ADMIN_CIDR),  # metrics: the admin's network only
+    }
     assert all(
         not rule["Ipv6Ranges"] and not rule["UserIdGroupPairs"] for rule in group["IpPermissions"]
     )
@@ -119,6 +124,11 @@ ADMIN = f"greeter_stack_admin_cidr={ADMIN_CIDR}"
             "and then greeter_stack_vpc_id too",
             id="subnet-without-its-vpc",
         ),
+        pytest.param(
+            [ADMIN, "greeter_stack_metrics_port=50051"],
+            "greeter_stack_metrics_port: 0 (closed) or a port from 1024 to 65535 other than",
+            id="metrics-port-on-the-grpc-port",
+        ),
     ],
 )
 def test_bad_parameters_fail_before_anything_is_created(
@@ -152,6 +162,7 @@ def test_the_playbook_checks_what_the_template_allows() -> None:
     defaults = yaml.safe_load((REPO / "inventory" / "group_vars" / "all" / "stack.yml").read_text())
     assert defaults["greeter_stack_instance_type"] == parameters["InstanceType"]["Default"]
     assert defaults["greeter_stack_grpc_port"] == parameters["GrpcPort"]["Default"]
+    assert defaults["greeter_stack_metrics_port"] == parameters["MetricsPort"]["Default"] == 0
     assert defaults["greeter_stack_image_parameter"] == parameters["ImageId"]["Default"]
     assert defaults["greeter_stack_root_volume_size"] == parameters["RootVolumeSize"]["Default"]
     assert "greeter_stack_admin_cidr" not in defaults, "the admin CIDR must have no default"
