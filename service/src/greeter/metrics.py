@@ -18,8 +18,9 @@ go-grpc-prometheus' names, so its dashboards work:
   thread, waiting for their request message, or being handled;
 - ``greeter_build_info``: ``version`` and ``commit`` of the release.
 
-Only unary calls are measured (the Greeter, health ``Check``); streams (health ``Watch``,
-reflection) pass through untouched: their length is the client's choice, not a latency.
+Only the unary methods the server names are measured (the Greeter's, health ``Check``);
+streams (health ``Watch``, reflection) pass through untouched: their length is the client's
+choice, not a latency.
 prometheus_client is imported only when metrics are on, after the directory is set, because it
 picks its multiprocess mode when first imported.
 """
@@ -103,11 +104,10 @@ class _Method:
     values every ``FLUSH_SECONDS``, so a scrape is at most about that much behind.
     """
 
-    def __init__(self, metrics: "CallMetrics", handler: grpc.RpcMethodHandler, path: str) -> None:
+    def __init__(self, metrics: "CallMetrics", path: str) -> None:
         service, _, name = path.lstrip("/").rpartition("/")
         self.labels = ("unary", service, name)
-        self.handler = handler
-        self.behavior: Callable[[Any, grpc.ServicerContext], Any] = handler.unary_unary
+        self.handler: Any = None  # the method's own handler, looked up at its first call
         self._local = threading.local()
         self._all: list[_Counts] = []
         self._all_lock = threading.Lock()
@@ -199,7 +199,7 @@ class _Call:
         method = self._method
         failed = True
         try:
-            response = method.behavior(request, context)
+            response = method.handler.unary_unary(request, context)
             failed = False
             return response
         finally:
@@ -214,9 +214,14 @@ class _Call:
 
 
 class CallMetrics(grpc.ServerInterceptor):
-    """Counts, times and tracks every unary call of the server process it is installed in."""
+    """Counts, times and tracks the calls of the given unary methods in this server process.
 
-    def __init__(self) -> None:
+    The methods' series exist from the start (at 0), and so do this process's multiprocess
+    files: a scrape that lists a file while its process is still creating it fails (the
+    server answers ``/metrics`` only once every worker has made its files).
+    """
+
+    def __init__(self, unary_methods: list[str]) -> None:
         from prometheus_client import Counter, Gauge, Histogram  # noqa: PLC0415 -- see above
 
         self.started = Counter(
@@ -242,15 +247,14 @@ class CallMetrics(grpc.ServerInterceptor):
             multiprocess_mode="livesum",
             registry=None,
         )
-        self._methods: dict[str, _Method | None] = {}
+        self._methods = {path: _Method(self, path) for path in unary_methods}
         threading.Thread(target=self._flush_forever, name="metrics-flush", daemon=True).start()
 
     def _flush_forever(self) -> None:
         while True:
             time.sleep(FLUSH_SECONDS)
-            for method in list(self._methods.values()):
-                if method is not None:
-                    method.flush()
+            for method in self._methods.values():
+                method.flush()
 
     def intercept_service(
         self,
@@ -258,18 +262,10 @@ class CallMetrics(grpc.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Any:
         arrived = time.perf_counter()
-        path = handler_call_details.method
-        method = self._methods.get(path, False)
-        if method is False:
-            handler = continuation(handler_call_details)
-            if handler is None:
-                return None  # unknown method: not remembered (its name is the client's choice)
-            unary = not (handler.request_streaming or handler.response_streaming)
-            method = _Method(self, handler, path) if unary else None
-            self._methods[path] = method
-            if method is None:
-                return handler
-        elif method is None:
-            return continuation(handler_call_details)
+        method = self._methods.get(handler_call_details.method)
+        if method is None:
+            return continuation(handler_call_details)  # a stream, or no such method
+        if method.handler is None:
+            method.handler = continuation(handler_call_details)
         method.counts().started += 1
         return _Call(method, arrived)

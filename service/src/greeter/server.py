@@ -37,6 +37,14 @@ from greeter import hello_pb2_grpc as pb_grpc
 from greeter.pool import ElasticThreadPool
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Greeter"].full_name  # "hello.Greeter"
+# The calls --metrics-port measures: every Greeter method and the health check.
+UNARY_METHODS = [
+    *(
+        f"/{SERVICE_NAME}/{method.name}"
+        for method in pb.DESCRIPTOR.services_by_name["Greeter"].methods
+    ),
+    f"/{health.SERVICE_NAME}/Check",
+]
 log = logging.getLogger(logs.LOGGER_NAME)
 
 
@@ -171,7 +179,7 @@ def build_server(settings: config.ServerConfig, tls: TlsFiles) -> tuple[grpc.Ser
     """A server, bound but not started, with Greeter, health, reflection and maybe metrics."""
     server = grpc.server(
         ElasticThreadPool(settings.threads),
-        interceptors=[metrics.CallMetrics()] if settings.metrics_port else None,
+        interceptors=[metrics.CallMetrics(UNARY_METHODS)] if settings.metrics_port else None,
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
@@ -262,6 +270,8 @@ def run_single(settings: config.ServerConfig, tls: TlsFiles) -> int:
     """One process serves: the simplest shape, and what ``--workers 1`` means."""
 
     def ready() -> None:
+        if settings.metrics_port:
+            metrics.start_endpoint(settings.bind, settings.metrics_port, settings.revision)
         _notify("READY=1")
         logs.event(log, "serving", **_serving_fields(settings, tls))
 
@@ -269,8 +279,6 @@ def run_single(settings: config.ServerConfig, tls: TlsFiles) -> int:
         _notify("STOPPING=1")
         logs.event(log, "draining", drain_delay=settings.drain_delay, grace=settings.grace)
 
-    if settings.metrics_port:
-        metrics.start_endpoint(settings.bind, settings.metrics_port, settings.revision)
     serve(settings, tls, ready, stopping)
     return 0
 
@@ -310,8 +318,6 @@ def _start_workers(
 def supervise(settings: config.ServerConfig, tls: TlsFiles) -> int:
     """Fork the workers, tell systemd when all serve, and stop them all together."""
     workers, waiting = _start_workers(settings, tls)
-    if settings.metrics_port:  # after the fork: the endpoint's thread stays in this process
-        metrics.start_endpoint(settings.bind, settings.metrics_port, settings.revision)
     wake_reader, wake_writer = socket.socketpair()
     wake_writer.setblocking(False)
     signal.set_wakeup_fd(wake_writer.fileno())
@@ -337,6 +343,10 @@ def supervise(settings: config.ServerConfig, tls: TlsFiles) -> int:
             else:
                 waiting.remove(item)
                 if _worker_ready(item) and not waiting:
+                    if settings.metrics_port:  # after the fork: its thread stays here
+                        metrics.start_endpoint(
+                            settings.bind, settings.metrics_port, settings.revision
+                        )
                     _notify("READY=1")
                     logs.event(
                         log,
