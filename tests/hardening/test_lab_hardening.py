@@ -18,6 +18,8 @@ import re
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,6 +300,51 @@ def test_mutual_tls_refuses_clients_without_a_certificate(
     ).stdout.split()
     assert keys == ["/etc/greeter/tls/server.key", "600", "greeter",
                     "/etc/greeter/tls/probe.key", "600", "root"], keys  # fmt: skip
+
+
+# ---- metrics ---------------------------------------------------------------------------------
+
+METRICS_PORT = 9464
+
+
+def scrape(host: Host) -> str:
+    url = f"http://{host.address}:{METRICS_PORT}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
+@pytest.fixture
+def metrics_off_after(host: Host) -> Iterator[None]:
+    yield
+    host.deploy("-e", '{"greeter_metrics_port": 0}')
+    host.assert_serves(host.current)
+    with pytest.raises(urllib.error.URLError):
+        scrape(host)
+
+
+def test_metrics_port_answers_from_the_controller(host: Host, metrics_off_after: None) -> None:
+    # Off until the variable turns it on (the fixture deployed the defaults).
+    with pytest.raises(urllib.error.URLError):
+        scrape(host)
+    result = host.deploy("-e", json.dumps({"greeter_metrics_port": METRICS_PORT}))
+    # The health gate checked the endpoint too (ok, not skipped).
+    assert re.search(
+        r"TASK \[greeter : Check that the metrics endpoint answers[^\n]*\n+ok:", result.stdout
+    )
+    assert host.greeter("hello", host.target, " ").returncode == 4  # INVALID_ARGUMENT
+    assert host.ssh(f"sudo grep -x GREETER_METRICS_PORT={METRICS_PORT} /etc/greeter/greeter.env")
+    deadline = time.monotonic() + 30
+    while True:  # the workers move their counts into the scraped files every 0.5 s
+        text = scrape(host)
+        if 'grpc_code="INVALID_ARGUMENT"' in text or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    invalid = re.search(r'^grpc_server_handled_total\{grpc_code="INVALID_ARGUMENT",'
+                        r'grpc_method="SayHello".*\} (\S+)$', text, re.MULTILINE)  # fmt: skip
+    assert invalid and float(invalid.group(1)) == 1.0, text
+    assert re.search(
+        rf'^greeter_build_info\{{commit="{host.current}",.*\}} 1\.0$', text, re.MULTILINE
+    )
 
 
 # ---- bad playbook input ----------------------------------------------------------------------
