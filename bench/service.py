@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -93,8 +94,13 @@ class ServerSpec:
     argv: list[str]
     cpus: str = SERVER_CPU
 
-    def command(self, port: int) -> list[str]:
-        return ["taskset", "-c", self.cpus, *[a.format(port=port) for a in self.argv]]
+    @property
+    def metrics(self) -> bool:
+        return "{metrics_port}" in self.argv
+
+    def command(self, port: int, metrics_port: int = 0) -> list[str]:
+        argv = [a.format(port=port, metrics_port=metrics_port) for a in self.argv]
+        return ["taskset", "-c", self.cpus, *argv]
 
 
 def baseline_spec(cpus: str = SERVER_CPU) -> ServerSpec:
@@ -102,10 +108,14 @@ def baseline_spec(cpus: str = SERVER_CPU) -> ServerSpec:
     return ServerSpec("baseline", [sys.executable, script, "--port", "{port}"], cpus)
 
 
-def candidate_spec(workers: int = 1, cpus: str = SERVER_CPU) -> ServerSpec:
+def candidate_spec(workers: int = 1, cpus: str = SERVER_CPU, metrics: bool = False) -> ServerSpec:
     argv = [str(BIN / "greeter-server"), "--bind", "127.0.0.1", "--port", "{port}"]
     argv += ["--workers", str(workers), "--grace", "1"]
-    return ServerSpec(f"greeter-server --workers {workers}", argv, cpus)
+    name = f"greeter-server --workers {workers}"
+    if metrics:
+        argv += ["--metrics-port", "{metrics_port}"]
+        name += " --metrics-port"
+    return ServerSpec(name, argv, cpus)
 
 
 def process_tree(root: int) -> list[int]:
@@ -155,6 +165,7 @@ class Server:
     def __init__(self, spec: ServerSpec, log_dir: Path) -> None:
         self.spec = spec
         self.port = free_port()
+        self.metrics_port = free_port() if spec.metrics else 0
         self.log_path = log_dir / f"{spec.name.replace(' ', '_')}-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 
@@ -163,7 +174,10 @@ class Server:
         env.pop("NOTIFY_SOCKET", None)
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                self.spec.command(self.port), stdout=log, stderr=subprocess.STDOUT, env=env
+                self.spec.command(self.port, self.metrics_port),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -241,6 +255,23 @@ def verify(port: int) -> None:
         )
     if "grpc-status: 0" not in dump.stdout:
         raise BenchError(f"trailers of a SayHello call lack grpc-status 0:\n{dump.stdout[-1500:]}")
+
+
+def handled_ok(metrics_port: int) -> float:
+    """SayHello calls a metrics-on server's one scrape counts as handled with status OK."""
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        text = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "grpc_server_handled_total"
+        and sample.labels.get("grpc_method") == "SayHello"
+        and sample.labels.get("grpc_code") == "OK"
+    )
 
 
 # --- the load generators -----------------------------------------------------------------------
@@ -397,6 +428,8 @@ class Config:
     # (measured: 1.03x of h2load at 50 in flight against 0.90x with one process).
     bench_procs: int = 2
     scaling: bool = True
+    # greeter-server with --metrics-port against without, h2load at 50 and 500 in flight.
+    metrics: bool = True
     saturated: float = 0.85
     retries: int = 2
     log_dir: Path = RESULTS / "logs"
@@ -433,7 +466,7 @@ def measure_round(spec: ServerSpec, cfg: Config) -> dict:
     out: dict = {"h2load": {}, "greeter_bench": {}, "loadavg_1m_before": os.getloadavg()[0]}
     with running(spec, cfg.log_dir) as server:
         verify(server.port)
-        run_h2load(server.port, 50, cfg.warmup)
+        succeeded = run_h2load(server.port, 50, cfg.warmup)["calls"]
         for level in cfg.levels:
             need = cfg.saturated if level >= 50 else 0.0  # 1 in flight does not fill a core
             with RssSampler(server) as sampler:
@@ -442,6 +475,7 @@ def measure_round(spec: ServerSpec, cfg: Config) -> dict:
                 )
             result["rss_mb"] = sorted(sampler.peak.values(), reverse=True)
             out["h2load"][level] = result
+            succeeded += result["calls"]
             if cfg.greeter_bench:
                 procs = min(cfg.bench_procs, level)  # 1 in flight is one process's work
                 out["greeter_bench"][level] = loaded(
@@ -452,6 +486,16 @@ def measure_round(spec: ServerSpec, cfg: Config) -> dict:
                 )
         verify(server.port)
         out["processes"] = len(server.pids())
+        if spec.metrics:
+            # The metrics must have counted every call h2load saw succeed (and the few more it
+            # cut off at the end of each run), or the cheap figure would measure nothing.
+            time.sleep(1.5)  # the workers flush their counts every 0.5 s
+            out["metrics_handled_ok"] = handled_ok(server.metrics_port)
+            if out["metrics_handled_ok"] < succeeded:
+                raise BenchError(
+                    f"{spec.name}: the scrape counts {out['metrics_handled_ok']:.0f} OK calls, "
+                    f"h2load saw {succeeded} succeed"
+                )
     return out
 
 
@@ -520,6 +564,21 @@ def summarise(rounds: list[dict], scaling: dict | None, cfg: Config) -> dict:
         )
         levels[level] = entry
     out: dict = {"levels": levels}
+    with_metrics = [r for r in rounds if "metrics" in r]
+    if with_metrics:
+        out["metrics"] = {}
+        for level in with_metrics[0]["metrics"]["h2load"]:
+            on = [r["metrics"]["h2load"][level] for r in with_metrics]
+            off = [r["candidate"]["h2load"][level] for r in with_metrics]
+            on_rate, off_rate = [x["calls_per_s"] for x in on], [x["calls_per_s"] for x in off]
+            on_cpu = [x["server_cpu_us_per_call"] for x in on]
+            off_cpu = [x["server_cpu_us_per_call"] for x in off]
+            out["metrics"][level] = {
+                "off_calls_per_s": summary(off_rate),
+                "on_calls_per_s": summary(on_rate),
+                "calls_ratio": summary(ratios(on_rate, off_rate)),
+                "cpu_per_call_ratio": summary(ratios(on_cpu, off_cpu)),
+            }
     control = [r["control"] for r in rounds if "control" in r]
     if control:
         out["control_vs_baseline_1"] = summary(
@@ -537,7 +596,7 @@ def summarise(rounds: list[dict], scaling: dict | None, cfg: Config) -> dict:
         )
     out["disturbed_retries"] = sum(
         run[tool][level]["disturbed_retries"]
-        for run in base + cand + control
+        for run in base + cand + control + [r["metrics"] for r in with_metrics]
         for tool in ("h2load", "greeter_bench")
         for level in run[tool]
     ) + sum(r["disturbed_retries"] for key in (scaling or {}) for r in scaling[key])
@@ -579,6 +638,11 @@ def targets(s: dict, cfg: Config) -> list[Target]:
                 "2 workers vs 1 at 500 in flight", s["scaling"]["ratio"]["median"], ">=", 1.7, "x"
             )
         )
+    for level, entry in s.get("metrics", {}).items():
+        found.append(
+            Target(f"greeter-server calls/s with metrics on vs off at {level} in flight (h2load)",
+                   entry["calls_ratio"]["median"], ">=", 0.95, "x")
+        )  # fmt: skip
     if "greeter_bench_vs_h2load_50" in s:
         found.append(
             Target("greeter bench vs h2load calls/s at 50 in flight",
@@ -640,6 +704,12 @@ def table(s: dict, cfg: Config) -> str:
             f"{sc['two_workers_server_cpu']['median']:.2f} cores, "
             f"h2load {sc['driver_cpu_with_two']['median']:.2f} core"
         )
+    for level, entry in s.get("metrics", {}).items():
+        extra.append(
+            f"- metrics on (`--metrics-port`) vs off at {level} in flight (h2load): calls/s "
+            f"{fmt_range(entry['calls_ratio'])} ({entry['off_calls_per_s']['median']:,.0f} off); "
+            f"server CPU per call {fmt_range(entry['cpu_per_call_ratio'])}"
+        )
     extra.append(
         f"- measurements repeated because another process took the server's CPU: "
         f"{s['disturbed_retries']}"
@@ -657,6 +727,9 @@ def parse_args(argv: list[str] | None) -> Config:
     )
     parser.add_argument("--no-greeter-bench", action="store_true", help="h2load only")
     parser.add_argument("--no-scaling", action="store_true", help="skip 2 workers vs 1")
+    parser.add_argument(
+        "--no-metrics", action="store_true", help="skip metrics on vs off (50, 500 in flight)"
+    )
     args = parser.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
     if args.rounds < 1 or args.duration <= 0 or not set(levels) <= set(LEVELS):
@@ -668,6 +741,7 @@ def parse_args(argv: list[str] | None) -> Config:
         greeter_bench=not args.no_greeter_bench,
         bench_procs=args.bench_procs,
         scaling=not args.no_scaling,
+        metrics=not args.no_metrics,
     )
 
 
@@ -688,6 +762,16 @@ def run(cfg: Config) -> tuple[str, list[Target]]:
             # A second baseline at 1 in flight, h2load only: how far noise alone moves a ratio.
             servers.append(
                 ("control", baseline_spec(), replace(cfg, levels=[1], greeter_bench=False))
+            )
+        metrics_levels = [level for level in cfg.levels if level >= 50]
+        if cfg.metrics and metrics_levels:
+            # The candidate with metrics on; its rounds pair with the candidate's (h2load).
+            servers.append(
+                (
+                    "metrics",
+                    candidate_spec(metrics=True),
+                    replace(cfg, levels=metrics_levels, greeter_bench=False),
+                )
             )
         turn = i % len(servers)  # each server goes first in some rounds
         for key, spec, round_cfg in servers[turn:] + servers[:turn]:

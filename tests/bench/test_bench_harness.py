@@ -199,12 +199,16 @@ def test_bench_run_service_prints_the_table_and_writes_json(tmp_path):
     assert "benchmark failed" not in stderr, output
     assert "| 50 (1x50) | h2load |" in stdout, output
     assert "| 50 (1x50) | greeter bench |" in stdout, output
+    assert "- metrics on (`--metrics-port`) vs off at 50 in flight (h2load): calls/s" in stdout
     data = json.loads((tmp_path / "latest.json").read_text())
     levels = data["service"]["summary"]["levels"]
     assert levels["50"]["h2load"]["baseline_calls_per_s"]["median"] > 0
     assert levels["50"]["greeter_bench"]["candidate_calls_per_s"]["median"] > 0
+    assert data["service"]["summary"]["metrics"]["50"]["on_calls_per_s"]["median"] > 0
+    assert data["service"]["rounds"][0]["metrics"]["metrics_handled_ok"] > 0
     names = [t["name"] for t in data["service"]["targets"]]
     assert any("p99 at 50" in name for name in names)
+    assert any("metrics on vs off at 50" in name for name in names)
     assert data["machine"]["nproc"] >= 2
 
 
