@@ -8,12 +8,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import Server, clean_env, free_port
 from greeter import __version__
 from greeter import hello_pb2 as pb
 from greeter import hello_pb2_grpc as pb_grpc
 from greeter.metrics import FLUSH_SECONDS
 from prometheus_client.parser import text_string_to_metric_families
+from support.net import free_port
+from support.server import Server, clean_env
 from test_service_config import assert_refused, run_server
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
@@ -156,7 +157,7 @@ def test_requests_grpc_rejects_before_a_handler_are_started_not_handled(server_f
     assert value(samples, "grpc_server_calls_in_flight", **SAY_HELLO) == 0
 
 
-def listening_ports(pids: list[int]) -> set[int]:
+def listening_ports(pids: set[int]) -> set[int]:
     """TCP ports these processes listen on (their sockets matched in /proc/net/tcp*)."""
     inodes = set()
     for pid in pids:
@@ -173,15 +174,11 @@ def listening_ports(pids: list[int]) -> set[int]:
     return ports
 
 
-def children(pid: int) -> list[int]:
-    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_off_by_default_only_the_grpc_port_listens(server_factory, workers):
     server = server_factory("--workers", workers)
     assert server.wait_event("serving")["metrics_port"] == 0
-    pids = [server.process.pid, *children(server.process.pid)]
+    pids = server.pids()
     assert len(pids) == int(workers) + (workers != "1")
     assert listening_ports(pids) == {server.port}
 
