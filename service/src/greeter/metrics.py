@@ -85,12 +85,13 @@ def start_endpoint(bind: str, port: int, commit: str) -> None:
 class _Counts:
     """One thread's running totals for one method; only that thread ever writes them."""
 
-    __slots__ = ("buckets", "ended", "handled", "seconds", "started")
+    __slots__ = ("buckets", "ended", "handled", "ok", "seconds", "started")
 
     def __init__(self) -> None:
         self.started = 0  # calls that arrived (counted by gRPC's serving thread)
         self.ended = 0  # calls gRPC is done with, handled or not
-        self.handled: dict[grpc.StatusCode, int] = {}  # calls whose handler ended, by code
+        self.ok = 0  # calls whose handler returned OK (a plain number: hashing an enum is slow)
+        self.handled: dict[grpc.StatusCode, int] = {}  # calls whose handler ended otherwise
         self.buckets = [0] * (len(BUCKETS) + 1)  # the last one is +Inf
         self.seconds = 0.0
 
@@ -143,6 +144,7 @@ class _Method:
         for counts in every:
             for code, count in dict(counts.handled).items():
                 total.handled[code] = total.handled.get(code, 0) + count
+            total.handled[grpc.StatusCode.OK] = total.handled.get(grpc.StatusCode.OK, 0) + counts.ok
             for index, count in enumerate(list(counts.buckets)):
                 total.buckets[index] += count
             total.seconds += counts.seconds
@@ -151,7 +153,7 @@ class _Method:
         if total.started > done.started:
             started.inc(total.started - done.started)
         for code, count in total.handled.items():
-            if count > done.handled.get(code, 0):
+            if count > done.handled.get(code, 0):  # (so no OK series before the first OK call)
                 self._handled.labels(*self.labels, code.name).inc(count - done.handled.get(code, 0))
         # observe() takes one call at a time; a flush adds many, so it adds to the histogram's
         # own per-bucket values, as observe() does (prometheus_client 0.26, pinned).
@@ -170,7 +172,7 @@ class _Call:
     call is cheaper than copying the method's handler namedtuple.
     """
 
-    __slots__ = ("_arrived", "_method")
+    __slots__ = ("_arrived", "_method", "request_deserializer", "response_serializer")
     request_streaming = False
     response_streaming = False
     unary_stream = None
@@ -180,14 +182,8 @@ class _Call:
     def __init__(self, method: _Method, arrived: float) -> None:
         self._method = method
         self._arrived = arrived
-
-    @property
-    def request_deserializer(self) -> Any:
-        return self._method.handler.request_deserializer
-
-    @property
-    def response_serializer(self) -> Any:
-        return self._method.handler.response_serializer
+        self.request_deserializer = method.handler.request_deserializer
+        self.response_serializer = method.handler.response_serializer
 
     def __del__(self) -> None:
         # gRPC drops its last reference when it is done with the call: after the handler, or
@@ -206,11 +202,13 @@ class _Call:
             seconds = time.perf_counter() - self._arrived
             counts = method.counts()
             code = context.code()  # set by abort() or set_code(); None when neither ran
-            if code is None:  # then gRPC answers OK, or UNKNOWN for an exception
-                code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
+            if code is None and not failed:
+                counts.ok += 1
+            else:  # None here: an exception, which gRPC answers UNKNOWN
+                code = code or grpc.StatusCode.UNKNOWN
+                counts.handled[code] = counts.handled.get(code, 0) + 1
             counts.buckets[bisect.bisect_left(BUCKETS, seconds)] += 1
             counts.seconds += seconds
-            counts.handled[code] = counts.handled.get(code, 0) + 1
 
 
 class CallMetrics(grpc.ServerInterceptor):
