@@ -9,6 +9,7 @@ Exit codes (every subcommand):
 * 4 — an RPC failed or a check did not pass: probe: some target was reached but is not
   SERVING, answered wrongly, or runs another commit than --expect-commit; bench: some calls
   failed (the report's status codes say which)
+* 5 — probe --publish-stack: the measurements could not be published to CloudWatch
 """
 
 import argparse
@@ -32,6 +33,8 @@ from greeter.client import (
     UsageError,
     open_channel,
 )
+
+EXIT_PUBLISH = 5
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -96,6 +99,14 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="a JSON list for machines")
     check.add_argument("--deadline", type=duration, default=5.0, help="per call (default 5 s)")
     check.add_argument("--expect-commit", metavar="SHA", help="fail targets running another commit")
+    check.add_argument(
+        "--publish-stack",
+        metavar="STACK",
+        help="also send HealthyHosts and ProbeLatency to CloudWatch (namespace Greeter) for STACK",
+    )
+    check.add_argument(
+        "--publish-region", metavar="REGION", help="CloudWatch region (default: AWS's own)"
+    )
 
     load = commands.add_parser(
         "bench", parents=[tls], help="load test: keep -c calls in flight, report like ghz"
@@ -140,6 +151,14 @@ def cmd_probe(args: argparse.Namespace) -> int:
         print(json.dumps([vars(result) for result in results], indent=2, ensure_ascii=False))
     else:
         print(probe.format_table(results))
+    if args.publish_stack:
+        from greeter import fleetmetrics  # noqa: PLC0415 -- boto3 only when publishing
+
+        try:
+            fleetmetrics.publish(results, args.publish_stack, args.publish_region)
+        except Exception as error:  # any boto3 failure (credentials, endpoint, API): say it
+            print(f"greeter: cannot publish to CloudWatch: {error}", file=sys.stderr)
+            return EXIT_PUBLISH
     return probe.exit_code(results)
 
 
