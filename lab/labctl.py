@@ -79,6 +79,7 @@ class Lab:
     emulator_port: int
     image: str = ""
     commit: str = ""
+    stack: str = STACK  # GREETER_STACK_NAME at `up`: the stack the lab's hosts stand in for
     hosts: list[Host] = field(default_factory=list)
     processes: dict[str, list[int]] = field(default_factory=dict)  # role -> [pid, start time]
 
@@ -644,7 +645,7 @@ def write_inventory(lab: Lab) -> None:
     (inv / "hosts.yml").write_text(INVENTORY_HOSTS)
     (inv / "group_vars" / "all.yml").write_text(
         INVENTORY_ALL.format(
-            stack=STACK,
+            stack=lab.stack,
             region=REGION,
             count=len(lab.hosts),
             name=lab.name,
@@ -695,6 +696,7 @@ def environment(lab: Lab) -> dict[str, str]:
         "AWS_REGION": REGION,
         "AWS_DEFAULT_REGION": REGION,
         "AWS_EC2_METADATA_DISABLED": "true",
+        "GREETER_STACK_NAME": lab.stack,
         "ANSIBLE_INVENTORY": f"{REPO / 'inventory'},{lab.state / 'inventory'}",
         "ANSIBLE_PRIVATE_KEY_FILE": str(lab.state / "ssh" / "id_ed25519"),
         # The lab's own SSH options (known_hosts, key checking), and with ansible.cfg's after them.
@@ -717,10 +719,14 @@ def new_lab(name: str, count: int) -> Lab:
         raise LabError(f"a lab needs at least one host, not {count}")
     if count + 10 > len(addresses):
         raise LabError(f"{count} hosts do not fit in {subnet}")
+    # Another stack name (a staging stack, say) gives the hosts that name's instance names.
+    stack = os.environ.get("GREETER_STACK_NAME") or STACK
+    if not re.fullmatch(r"[a-z][a-z0-9-]{0,19}", stack):
+        raise LabError(f"GREETER_STACK_NAME {stack!r}: lower-case letters, digits, dashes, <= 20")
     hosts = [
         Host(
             index=i,
-            name=f"{STACK}-{i + 1}",
+            name=f"{stack}-{i + 1}",
             address=str(addresses[10 + i]),
             netns=f"gl-{sid}-{i + 1}",
             veth=f"gl-{sid}-{i + 1}",
@@ -734,6 +740,7 @@ def new_lab(name: str, count: int) -> Lab:
         bridge=f"gl-{sid}",
         bridge_address=str(addresses[0]),
         emulator_port=choose_port(name),
+        stack=stack,
         hosts=hosts,
     )
 
