@@ -27,13 +27,14 @@ protos: venv ## compile protos/*.proto into the greeter package (the one proto c
 host-deps: ## install the machine packages the lab and benchmarks use (Debian, as root)
 	lab/host-deps
 
-lint: venv protos ## ruff, yamllint, ansible-lint (production profile), cfn-lint, checkov
+lint: venv protos ## ruff, yamllint, ansible-lint (production profile), cfn-lint, checkov, actionlint
 	ruff check .
 	ruff format --check .
 	yamllint --strict .
 	ANSIBLE_INVENTORY=$(CURDIR)/tests/lint-inventory.yml ansible-lint
 	cfn-lint stack.yaml
 	checkov --quiet --compact --skip-download --framework cloudformation --file stack.yaml
+	actionlint
 
 test: lint host-deps ## every lint and every test
 	pytest
