@@ -155,11 +155,14 @@ def test_the_deploy_job_deploys_a_tag_to_the_staging_stack_and_probes_it(
         text=True,
     ).stdout.strip()
 
+    # The key as the workflow hands it over: the secret's text, not a file.
+    env = {key: value for key, value in staging.env.items() if key != "ANSIBLE_PRIVATE_KEY_FILE"}
+    env["SSH_PRIVATE_KEY"] = Path(staging.env["ANSIBLE_PRIVATE_KEY_FILE"]).read_text()
     started = time.monotonic()
     result = subprocess.run(
         [str(checkout / ".ci" / "deploy"), TAG],
         cwd=checkout,
-        env=staging.env,
+        env=env,
         capture_output=True,
         text=True,
         timeout=1800,
