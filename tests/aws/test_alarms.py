@@ -152,7 +152,7 @@ def test_alarms_watch_every_instance_a_rerun_changes_nothing_and_teardown_remove
         "Statistic": "Minimum",
         "ComparisonOperator": "LessThanThreshold",
         "Threshold": 3.0,  # the fleet's size
-        "Period": 300,
+        "Period": 600,
         "EvaluationPeriods": 2,
         "TreatMissingData": "breaching",  # the probe stopped publishing
         "AlarmActions": [topic],
