@@ -4,7 +4,7 @@ stack's topic (read back through an SQS queue subscribed in the emulator); the p
 command (.ci/probe) publishes the healthy-hosts count its table showed, also with a host down.
 
 The tests share the lab in file order, as an operator would: deploy, upgrade, a failed upgrade,
-then probes.
+a rollback, then probes.
 """
 
 from __future__ import annotations
@@ -239,6 +239,26 @@ def test_a_deploy_whose_gate_fails_publishes_one_message_failed_and_rolled_back(
         "hosts failed": "staging-1",
     }
     assert served_commits(staging) == before
+
+
+def test_a_rollback_publishes_one_message(staging: LabSession, queue: str) -> None:
+    tagged = served_commits(staging)
+    upgraded = set(tagged.values())
+    staging.playbook("playbooks/rollback.yml")
+
+    [message] = messages(queue, staging)
+    back = served_commits(staging)
+    assert set(back.values()) != upgraded
+    assert fields(message) == {
+        "stack": STACK,
+        "action": "rollback",
+        "version": "previous",
+        "commits": back["staging-1"],
+        "outcome": "succeeded",
+        "hosts switched": "staging-1, staging-2",
+        "hosts rolled back": "none",
+        "hosts failed": "none",
+    }
 
 
 def test_the_probe_job_publishes_the_healthy_hosts_its_table_showed(staging: LabSession) -> None:
