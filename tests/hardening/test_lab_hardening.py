@@ -35,6 +35,7 @@ GREETER = REPO / ".venv" / "bin" / "greeter"
 BASE_NAME = os.environ.get("LAB_HARDENING_NAME", "hardening")
 MAX_EXPOSURE = 1.5
 RESTART_SEC = 2  # the role's default greeter_restart_sec
+ACTIVATED: list[str] = []  # the new commits the fault tests converged to, in order
 
 
 @dataclass
@@ -102,6 +103,7 @@ class Host:
         self.deploy("-e", f"greeter_version={commit}")
         self.assert_serves(commit)
         self.current = commit
+        ACTIVATED.append(commit)
 
     def greeter(self, *args: str) -> subprocess.CompletedProcess:
         return self.run(str(GREETER), *args, check=False, timeout=120)
@@ -347,6 +349,28 @@ def test_metrics_port_answers_from_the_controller(host: Host, metrics_off_after:
     )
 
 
+# ---- secrets in the service's environment ----------------------------------------------------
+
+
+def service_environment(host: Host) -> list[str]:
+    """The running service's environment (its main process's), one NAME=value a line."""
+    pid = host.unit("MainPID")["MainPID"]
+    return host.ssh(f"sudo cat /proc/{pid}/environ | tr '\\0' '\\n'").stdout.splitlines()
+
+
+def test_diff_never_prints_a_value_of_greeter_extra_env(host: Host) -> None:
+    """greeter_extra_env may carry secrets: --diff shows neither the value added nor removed."""
+    secret = f"s3cr3t-{os.urandom(8).hex()}"
+    extra = json.dumps({"greeter_extra_env": {"HARDENING_API_TOKEN": secret}})
+    added = host.deploy("-e", extra, "--diff")
+    assert secret not in output(added), "the secret was printed when it was added"
+    assert f"HARDENING_API_TOKEN={secret}" in service_environment(host)  # it did reach the host
+    removed = host.deploy("--diff")
+    assert secret not in output(removed), "the secret was printed when it was removed"
+    assert not [line for line in service_environment(host) if "HARDENING_API_TOKEN" in line]
+    host.assert_serves(host.current)
+
+
 # ---- bad playbook input ----------------------------------------------------------------------
 
 
@@ -494,6 +518,47 @@ def test_release_disk_full_during_deploy(host: Host) -> None:
     ), text[-3000:]
     assert not built, "the release folder was written although the disk was too full"
     host.converge(commit)
+
+
+# ---- releases kept -----------------------------------------------------------------------------
+
+
+def releases(host: Host) -> dict[str, object]:
+    """The release folders on the host, and the ones current and previous point at."""
+    names = host.ssh("ls /opt/greeter/releases").stdout.split()
+    links = host.ssh("readlink /opt/greeter/current /opt/greeter/previous").stdout.split()
+    return {
+        "releases": sorted(names),
+        "current": links[0].rsplit("/", 1)[-1],
+        "previous": links[1].rsplit("/", 1)[-1],
+    }
+
+
+def commit_of(release: str) -> str:
+    """A release folder is named by its commit (and may carry a suffix after a dash)."""
+    return release.split("-", 1)[0]
+
+
+def test_the_newest_releases_are_kept_and_current_and_previous_never_pruned(host: Host) -> None:
+    """The faults above converged new commits one after another (at least three, so with the
+    first release there were four): with the default greeter_keep_releases (3) the host keeps
+    those of the last three activations. With 1, after
+    a rollback made the newer release `previous`, both current and previous stay."""
+    activated = list(ACTIVATED)
+    assert len(activated) >= 3, activated  # the fault tests ran, in file order
+    state = releases(host)
+    assert sorted(commit_of(r) for r in state["releases"]) == sorted(activated[-3:]), state
+    assert (commit_of(state["current"]), commit_of(state["previous"])) == (
+        activated[-1],
+        activated[-2],
+    ), state
+    host.playbook("playbooks/rollback.yml")  # current: the older one, previous: the newest
+    host.assert_serves(activated[-2])
+    host.deploy("-e", f"greeter_version={activated[-1]}", "-e", "greeter_keep_releases=1")
+    host.assert_serves(activated[-1])
+    state = releases(host)
+    assert sorted(commit_of(r) for r in state["releases"]) == sorted(activated[-2:]), state
+    assert {state["current"], state["previous"]} == set(state["releases"]), state
 
 
 # ---- the service killed repeatedly ------------------------------------------------------------
