@@ -177,8 +177,8 @@ def test_bad_variables_fail_before_any_host_changes(fleet: LabSession) -> None:
 # login user's home, the journal, /tmp (where the marker is).
 CHURN = ("/tmp", "/var/tmp", "/var/log", "/home/ubuntu")
 CHANGED_SINCE_MARKER = (
-    "sudo find / -xdev -newer /tmp/check-marker -not -path '/proc/*' -not -path '/sys/*'"
-    " -not -path '/run/*' -not -path '/dev/*' 2>/dev/null; true"
+    r"sudo find / -xdev \( -path /proc -o -path /sys -o -path /run -o -path /dev \) -prune"
+    " -o -newer /tmp/check-marker -print 2>/dev/null; true"
 )
 
 
@@ -264,24 +264,70 @@ def test_kill_9_of_the_service_is_restarted_by_systemd(fleet: LabSession) -> Non
     assert rc == 0, rows
 
 
+class BranchMover:
+    """Moves `branch` on the lab's mirror to `to` as soon as the first host serves `start`, and
+    notes what the other hosts served at that moment."""
+
+    def __init__(self, lab: LabSession, branch: str, start: str, to: str) -> None:
+        self.lab, self.branch, self.start, self.to = lab, branch, start, to
+        self.others_at_move: list[str] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        first = targets(self.lab)[0]
+        while not self._stop.wait(0.3):
+            result = self.lab.run("greeter", "probe", first, "--json", check=False, timeout=60)
+            rows = json.loads(result.stdout or "[]")
+            if rows and rows[0].get("commit") == self.start:
+                subprocess.run(
+                    ["git", "-C", str(self.lab.git_mirror), "update-ref",
+                     f"refs/heads/{self.branch}", self.to],
+                    check=True,
+                )  # fmt: skip
+                _, others = probe(self.lab)
+                self.others_at_move = [row.get("commit", "") for row in others[1:]]
+                return
+
+    def __enter__(self) -> BranchMover:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=120)
+
+
 def test_upgrade_under_load_fails_no_call(
     fleet: LabSession, base_commit: str, tmp_path: Path
 ) -> None:
+    """Deployed by branch name; the branch moves once the first host serves the release, and
+    the other hosts still get the commit resolved at the start (once per run)."""
     new = push_commit(
         fleet, tmp_path, "Upgrade marker", lambda clone: (clone / "UPGRADE").write_text("2\n")
     )
-    with Load(fleet) as load:
+    branch = f"test/{new[:12]}"  # push_commit's branch
+    moved = subprocess.run(
+        ["git", "-C", str(fleet.git_mirror), "commit-tree", f"{new}^{{tree}}", "-p", new,
+         "-m", "The branch moved during the rollout"],
+        check=True, capture_output=True, text=True,
+        env=dict(os.environ, GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.invalid",
+                 GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.invalid"),
+    ).stdout.strip()  # fmt: skip
+    with Load(fleet) as load, BranchMover(fleet, branch, new, moved) as mover:
         time.sleep(3)
         started = time.monotonic()
         result = fleet.playbook(
             "playbooks/deploy.yml",
             "-e",
-            f"greeter_version={new}",
+            f"greeter_version={branch}",
             "-e",
             '{"greeter_serial": [1, 2]}',
         )
         note("upgrade of 3 hosts under load (deploy.yml)", time.monotonic() - started)
         time.sleep(3)
+    # The branch moved while greeter-2 and greeter-3 still served the old release.
+    assert mover.others_at_move == [base_commit] * 2, mover.others_at_move
     assert not load.problems, load.problems
     assert load.calls > 100, load.reports
     assert load.failed == 0, [r["errors"] for r in load.reports if r["errors"]]
