@@ -8,10 +8,14 @@ It acts only for playbooks/deploy.yml, playbooks/rollback.yml and site.yml, and 
 topic <stack>-events exists (playbooks/alarms.yml creates it). What it reports, all read from
 the run itself:
 
-* hosts switched: hosts whose ``current`` link the role changed and that did not fail;
-* outcome: ``succeeded`` (no host failed), ``failed and rolled back`` (a failed host's
-  ``current`` link was switched and put back: the role's rescue), otherwise ``failed``;
-* version: greeter_version (or greeter_rollback_to) as given, and the commits switched to.
+* hosts switched: hosts whose ``current`` link the role changed once in this run (they serve
+  the new release); hosts rolled back: hosts whose link was changed and put back (the role's
+  rescue, or a revert of a stopped run). Read from the link writes, not from which host Ansible
+  marked failed, so it holds however the deploy plays report a failure;
+* outcome: ``succeeded`` (nothing failed), ``failed and rolled back`` (something failed and every
+  host that switched was put back), otherwise ``failed`` (nothing switched, or some hosts remain
+  on the new release);
+* version: greeter_version (or greeter_rollback_to) as given, and the releases switched to.
 
 The stack and region are greeter_stack_name / greeter_stack_region when given with -e, else
 GREETER_STACK_NAME / AWS_REGION, as the inventory reads them. boto3 finds credentials and
@@ -103,11 +107,12 @@ class CallbackModule(CallbackBase):
 
     def compose(self, stack: str, failed: list[str]) -> tuple[str, str]:
         """The subject and text of the message (plain "key: value" lines, for mail and tests)."""
-        switched = sorted(host for host in self.switches if host not in failed)
-        rolled_back = sorted(host for host in failed if len(self.switches.get(host, [])) >= 2)
+        # One write: switched. Two: switched, then put back where it was.
+        switched = sorted(host for host, writes in self.switches.items() if len(writes) % 2)
+        rolled_back = sorted(host for host in self.switches if host not in switched)
         if not failed:
             outcome = "succeeded"
-        elif rolled_back:
+        elif rolled_back and not switched:
             outcome = "failed and rolled back"
         else:
             outcome = "failed"
@@ -115,12 +120,12 @@ class CallbackModule(CallbackBase):
             asked = self.extra_vars.get("greeter_rollback_to") or "previous"
         else:
             asked = self.extra_vars.get("greeter_version") or "default (greeter_version)"
-        commits = sorted({self.switches[host][-1] for host in switched})
+        releases = sorted({self.switches[host][-1] for host in switched})
         lines = [
             f"stack: {stack}",
             f"action: {self.action}",
             f"version: {asked}",
-            f"commits: {', '.join(commits) or '-'}",
+            f"releases: {', '.join(releases) or '-'}",
             f"outcome: {outcome}",
             f"hosts switched: {', '.join(switched) or 'none'}",
             f"hosts rolled back: {', '.join(rolled_back) or 'none'}",
