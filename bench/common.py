@@ -6,6 +6,7 @@ baseline and the candidate back to back, and the ratio of the pair is what gets 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -26,6 +27,26 @@ LATEST = RESULTS / "latest.json"
 
 class BenchError(RuntimeError):
     """A measurement that cannot be trusted: the run stops instead of reporting it."""
+
+
+def _load_watchdog():
+    """lab/watchdog.py, the outer watchdog the demo and the tests use too (one mechanism)."""
+    spec = importlib.util.spec_from_file_location("lab_watchdog", REPO / "lab" / "watchdog.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+watchdog = _load_watchdog()
+
+
+def run_watched(argv: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """A command of the benchmark under the watchdog: past `timeout` it is stopped with all it
+    started, and the run fails saying where it was stuck instead of hanging."""
+    try:
+        return watchdog.run(argv, timeout, **kwargs)
+    except watchdog.Stuck as stuck:
+        raise BenchError(stuck.report) from None
 
 
 def summary(values: list[float]) -> dict[str, float | list[float]]:

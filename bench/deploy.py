@@ -51,6 +51,7 @@ from bench.common import (
     machine_line,
     markdown_table,
     ratios,
+    run_watched,
     summary,
     write_results,
 )
@@ -99,9 +100,7 @@ class Lab:
 
     def _lab(self, *args: str) -> str:
         env = {**os.environ, "LAB_NAME": self.name}
-        done = subprocess.run(
-            [str(LAB), *args], capture_output=True, text=True, env=env, timeout=900, check=False
-        )
+        done = run_watched([str(LAB), *args], 900, env=env)
         if done.returncode != 0:
             raise BenchError(f"lab/lab {' '.join(args)} failed: {done.stderr[-2000:]}")
         return done.stdout
@@ -257,9 +256,7 @@ class Runner:
         argv = [str(BIN / "ansible-playbook"), playbook, *extra]
         load = os.getloadavg()[0]  # the machine is shared: how busy it was, next to each figure
         started = time.monotonic()
-        done = subprocess.run(
-            argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800, check=False
-        )
+        done = run_watched(argv, 1800, cwd=REPO, env=env)
         seconds = time.monotonic() - started
         log = self.cfg.log_dir / f"deploy-{self.count:02d}-{scenario}-{config}.log"
         log.write_text(done.stdout + done.stderr)

@@ -96,6 +96,10 @@ class Progress:
             return "\n".join(lines)
 
 
+def _group_alive(pgid: int) -> bool:
+    return _signal_group(pgid, 0)
+
+
 def _signal_group(pgid: int, signum: int) -> bool:
     """Signal the command's own process group; False once nothing is left in it."""
     try:
@@ -116,7 +120,7 @@ def stop_group(proc: subprocess.Popen, grace: float = STOP_GRACE) -> None:
         return
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        if proc.poll() is not None and not _signal_group(pgid, 0):
+        if proc.poll() is not None and not _group_alive(pgid):
             return
         time.sleep(0.1)
     _signal_group(pgid, signal.SIGKILL)
@@ -124,13 +128,92 @@ def stop_group(proc: subprocess.Popen, grace: float = STOP_GRACE) -> None:
         proc.wait(timeout=grace)
 
 
-def _pump(stream, sink: list[str], progress: Progress, echo: Callable[[str], None] | None):
-    for line in iter(stream.readline, ""):
-        sink.append(line)
-        progress.feed(line)
-        if echo is not None:
-            echo(line)
-    stream.close()
+class Watched:
+    """A command started in a process group of its own, its output read while it runs.
+
+    `wait(timeout)` returns its CompletedProcess, or, past `timeout` seconds, prints where it was
+    stuck, stops its whole process group and raises Stuck. Leaving the `with` block (also by an
+    exception: a failed assertion, Ctrl-C, a test's own timeout) stops whatever still runs.
+    `on_line` sees every line of stdout and stderr as it comes (a test acting mid-run).
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str | Path],
+        *,
+        cwd: str | Path | None = None,
+        env: dict[str, str] | None = None,
+        echo: bool = False,
+        on_line: Callable[[str], None] | None = None,
+    ) -> None:
+        self.args = [str(a) for a in argv]
+        self.progress = Progress()
+        self._out: list[str] = []
+        self._err: list[str] = []
+        self.proc = subprocess.Popen(
+            self.args,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            start_new_session=True,  # its own process group: stopping it reaches all it started
+        )
+        self._readers = [
+            threading.Thread(
+                target=self._pump, args=(stream, sink, _writer(echo_to) if echo else None, on_line),
+                daemon=True,
+            )
+            for stream, sink, echo_to in (
+                (self.proc.stdout, self._out, sys.stdout),
+                (self.proc.stderr, self._err, sys.stderr),
+            )
+        ]  # fmt: skip
+        for reader in self._readers:
+            reader.start()
+
+    def _pump(self, stream, sink: list[str], echo, on_line) -> None:
+        for line in iter(stream.readline, ""):
+            sink.append(line)
+            self.progress.feed(line)
+            if echo is not None:
+                echo(line)
+            if on_line is not None:
+                on_line(line)
+        stream.close()
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def wait(self, timeout: float) -> subprocess.CompletedProcess:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            report = self.progress.report(shlex.join(self.args), timeout)
+            print(report, file=sys.stderr, flush=True)
+            self.stop()
+            raise Stuck(report, "".join(self._out), "".join(self._err)) from None
+        self._join()
+        return subprocess.CompletedProcess(self.args, code, "".join(self._out), "".join(self._err))
+
+    def stop(self) -> None:
+        """Stop the command and everything it started (its process group), then its readers."""
+        stop_group(self.proc)
+        self._join()
+
+    def _join(self) -> None:
+        # A process that escaped the group may still hold a pipe open: do not wait for it forever.
+        for reader in self._readers:
+            reader.join(timeout=5)
+
+    def __enter__(self) -> Watched:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None or _group_alive(self.proc.pid):
+            self.stop()
 
 
 def run(
@@ -146,49 +229,8 @@ def run(
     Past the limit: print the report to stderr, stop the command's whole process group and
     raise Stuck. Also stops it when the caller is interrupted (Ctrl-C, a test's own timeout).
     """
-    args = [str(a) for a in argv]
-    command = shlex.join(args)
-    progress = Progress()
-    out: list[str] = []
-    err: list[str] = []
-    proc = subprocess.Popen(
-        args,
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        errors="replace",
-        start_new_session=True,  # its own process group: stopping it reaches all it started
-    )
-    readers = [
-        threading.Thread(
-            target=_pump,
-            args=(stream, sink, progress, write if echo else None),
-            daemon=True,
-        )
-        for stream, sink, write in (
-            (proc.stdout, out, _writer(sys.stdout)),
-            (proc.stderr, err, _writer(sys.stderr)),
-        )
-    ]
-    for reader in readers:
-        reader.start()
-    try:
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            report = progress.report(command, timeout)
-            print(report, file=sys.stderr, flush=True)
-            stop_group(proc)
-            _join(readers)
-            raise Stuck(report, "".join(out), "".join(err)) from None
-    finally:
-        if proc.poll() is None:  # interrupted while waiting: leave nothing running
-            stop_group(proc)
-    _join(readers)
-    return subprocess.CompletedProcess(args, code, "".join(out), "".join(err))
+    with Watched(argv, cwd=cwd, env=env, echo=echo) as watched:
+        return watched.wait(timeout)
 
 
 def _writer(stream) -> Callable[[str], None]:
@@ -197,12 +239,6 @@ def _writer(stream) -> Callable[[str], None]:
         stream.flush()
 
     return write
-
-
-def _join(readers: list[threading.Thread]) -> None:
-    # A process that escaped the group may still hold a pipe open: do not wait for it forever.
-    for reader in readers:
-        reader.join(timeout=5)
 
 
 def main(argv: list[str] | None = None) -> int:

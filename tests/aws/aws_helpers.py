@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+from support import watchdog
 from support.net import free_port as free_loopback_port  # noqa: F401 -- the old name
 
 REPO = Path(__file__).resolve().parents[2]
@@ -114,17 +115,9 @@ class Aws:
     def run(
         self, stack: str, *args: str, env: dict[str, str] | None = None, timeout: float = 600
     ) -> subprocess.CompletedProcess[str]:
-        """Run a command from the repository root (so ansible.cfg applies), stdin closed."""
-        return subprocess.run(
-            list(args),
-            cwd=REPO,
-            env=env or self.env(stack),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        """Run a command from the repository root (so ansible.cfg applies), stdin closed, under
+        the watchdog (past `timeout` it is stopped, and Stuck says where it was stuck)."""
+        return watchdog.run(list(args), timeout, cwd=REPO, env=env or self.env(stack))
 
     def playbook(
         self, stack: str, playbook: str, *extra_vars: str, env: dict[str, str] | None = None

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from support import watchdog
 from support.ansible import recap, with_ssh_options
 
 if TYPE_CHECKING:
@@ -398,17 +399,16 @@ def test_a_host_lost_mid_rollout_is_reported_and_a_rerun_converges(
     args += ["-e", '{"greeter_serial": 1}']
     env["ANSIBLE_SSH_CONTROL_PATH_DIR"] = str(tmp_path / "cp")  # no master without those options
     lines: list[str] = []
-    with subprocess.Popen(
-        args, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    ) as play:
-        assert play.stdout is not None
-        for line in play.stdout:
-            lines.append(line)
-            # greeter-2's batch has begun: greeter-3 goes away before its turn comes.
-            if line.startswith("changed: [greeter-2]") and "Switch current" in "".join(lines[-4:]):
-                subprocess.run(["ip", "link", "set", veth, "down"], check=True)
-        rc = play.wait(timeout=600)
-    output = "".join(lines)
+
+    def watch(line: str) -> None:
+        lines.append(line)
+        # greeter-2's batch has begun: greeter-3 goes away before its turn comes.
+        if line.startswith("changed: [greeter-2]") and "Switch current" in "".join(lines[-4:]):
+            subprocess.run(["ip", "link", "set", veth, "down"], check=True)
+
+    with watchdog.Watched(args, cwd=REPO, env=env, on_line=watch) as play:
+        done = play.wait(timeout=600)
+    rc, output = done.returncode, done.stdout + done.stderr
     try:
         assert rc != 0
         assert re.search(r"greeter-3.*UNREACHABLE", output), output[-3000:]

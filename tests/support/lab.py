@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from support import watchdog
+
 REPO = Path(__file__).resolve().parents[2]
 LAB = REPO / "lab" / "lab"
 
@@ -60,16 +62,11 @@ class LabSession:
         timeout: float = 900,
         env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess:
-        """Run a command from the repository root in the lab environment, capturing its output."""
-        result = subprocess.run(
-            list(args),
-            check=False,
-            cwd=REPO,
-            env=env or self.env,
-            text=True,
-            capture_output=True,
-            timeout=timeout,
-        )
+        """Run a command from the repository root in the lab environment, capturing its output.
+
+        Under the watchdog: past `timeout` seconds the command and all it started are stopped
+        and Stuck says where it was stuck."""
+        result = watchdog.run(list(args), timeout, cwd=REPO, env=env or self.env)
         if check and result.returncode != 0:
             pytest.fail(
                 f"{shlex.join(args)} exited {result.returncode}\n"
@@ -93,15 +90,7 @@ class LabSession:
 def lab_command(name: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     """lab/lab with LAB_NAME=prefixed(name), capturing its output."""
     env = dict(os.environ, LAB_NAME=prefixed(name))
-    return subprocess.run(
-        [str(LAB), *args],
-        check=False,
-        cwd=REPO,
-        env=env,
-        text=True,
-        capture_output=True,
-        timeout=timeout,
-    )
+    return watchdog.run([LAB, *args], timeout, cwd=REPO, env=env)
 
 
 def attach_lab(name: str) -> LabSession:
