@@ -12,11 +12,14 @@ Tests run in file order on that one host; each leaves it serving plaintext.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support import watchdog
 from support.ansible import with_ssh_options
 from support.lab import LabSession, attach_lab, output
 
@@ -455,6 +459,94 @@ def test_package_source_gone_during_deploy(host: Host) -> None:
     host.converge(commit)
 
 
+class StallingAptSource:
+    """An apt proxy on the lab bridge that answers and then stalls: a 200 whose body never ends
+    (a byte every few seconds, so apt's idle Acquire::http::Timeout never fires) and no more
+    reading from that connection. The hang of issue 15, on demand: apt has no overall deadline."""
+
+    def __init__(self, address: str) -> None:
+        self.server = socket.create_server((address, 0))
+        self.port = self.server.getsockname()[1]
+        self.connections = 0
+        self._open: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.server.accept()
+                self.connections += 1
+                self._open.append(conn)
+                threading.Thread(target=self._stall, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _stall(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            conn.recv(65536)  # the first request; nothing after it is ever read
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n")
+            while True:
+                time.sleep(5)
+                conn.sendall(b"x")
+
+    def close(self) -> None:
+        for sock in [self.server, *self._open]:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+APT_OVERRIDE = "/etc/apt/apt.conf.d/99hardening-proxy"  # read after the lab's own proxy file
+
+
+@pytest.mark.timeout(900)
+def test_apt_source_that_answers_then_stalls_fails_within_the_bound_and_a_rerun_converges(
+    host: Host,
+) -> None:
+    """Issue 15: apt stuck on its package source must fail the host within greeter_apt_timeout,
+    leave nothing running on the host and the release serving; after a run killed on the
+    controller, the rerun against the healthy source converges."""
+    host.ssh("sudo apt-get remove --yes --quiet python3-venv")  # so that the deploy runs apt
+    version = f"greeter_version={host.current}"
+    source = StallingAptSource(host.bridge_address)
+    try:
+        proxy = f'Acquire::http::Proxy "http://{host.bridge_address}:{source.port}";'
+        host.ssh(f"echo '{proxy}' | sudo tee {APT_OVERRIDE}")
+        bounded = ("-e", version, "-e", '{"greeter_apt_timeout": 15}')
+        # Under the watchdog: a deploy still stuck after 300 s fails this test (today's code).
+        result = host.lab.run("ansible-playbook", "playbooks/deploy.yml", *bounded,
+                              check=False, timeout=300)  # fmt: skip
+        text = " ".join(output(result).split())
+        assert result.returncode != 0, text[-3000:]
+        assert source.connections > 0, "apt never reached the stalling source"
+        assert '"Refresh the package lists" ran out of its time bound' in text, text[-3000:]
+        assert "no result within 15 s (greeter_apt_timeout)" in text, text[-3000:]
+        assert "waiting for apt to fetch the package lists" in text, text[-3000:]
+        assert f"still serves release {host.current}" in text, text[-3000:]
+        host.assert_serves(host.current)
+        left = host.ssh("pgrep -ax 'http|apt-get' || true").stdout.strip()
+        assert left == "", f"the bound stopped the run but apt still runs on the host: {left}"
+
+        # Again, and this time the controller dies (SIGKILL) while apt hangs on the host.
+        killed_args = ["-e", version, "-e", '{"greeter_apt_timeout": 45}']
+        with watchdog.Watched(
+            ["ansible-playbook", "playbooks/deploy.yml", *killed_args], cwd=REPO, env=host.env
+        ) as killed:
+            deadline = time.monotonic() + 120
+            while host.ssh("pgrep -x http", check=False).returncode != 0:
+                assert time.monotonic() < deadline, "apt never started on the host"
+                time.sleep(1)
+            os.killpg(killed.proc.pid, signal.SIGKILL)
+        leftover = host.ssh("pgrep -x http", check=False)
+        assert leftover.returncode == 0, "the killed run's apt should still wait on the host"
+    finally:
+        host.ssh(f"sudo rm -f {APT_OVERRIDE}")
+        source.close()
+    # The rerun waits for the lock that apt holds until its own bound ends it, then converges.
+    host.converge(host.current)
+    status = host.ssh("dpkg-query -W -f='${Status}' python3-venv").stdout
+    assert status == "install ok installed", status
+
+
 def test_host_losing_its_network_during_deploy(host: Host) -> None:
     """The host's link goes down while it builds the new release, and comes back."""
     commit = new_commit(host, "link-down")
@@ -462,28 +554,26 @@ def test_host_losing_its_network_during_deploy(host: Host) -> None:
     env["ANSIBLE_TIMEOUT"] = "10"
     # A fresh SSH master: one kept from an earlier run would not have the keep-alive options.
     env["ANSIBLE_SSH_CONTROL_PATH_DIR"] = str(host.state / "ansible" / "cp-link-down")
-    deploy = subprocess.Popen(
-        ["ansible-playbook", "playbooks/deploy.yml", "-e", f"greeter_version={commit}"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
     link_down = False
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and deploy.poll() is None:
-            building = host.ssh(f"test -d /opt/greeter/releases/{commit}/src", check=False)
-            if building.returncode == 0:
-                subprocess.run(["ip", "link", "set", host.veth, "down"], check=True)
-                link_down = True
-                break
-            time.sleep(0.5)
-        assert link_down, "the deploy never started building the release"
-        text, _ = deploy.communicate(timeout=300)
+        with watchdog.Watched(
+            ["ansible-playbook", "playbooks/deploy.yml", "-e", f"greeter_version={commit}"],
+            cwd=REPO, env=env,
+        ) as deploy:  # fmt: skip
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and deploy.poll() is None:
+                building = host.ssh(f"test -d /opt/greeter/releases/{commit}/src", check=False)
+                if building.returncode == 0:
+                    subprocess.run(["ip", "link", "set", host.veth, "down"], check=True)
+                    link_down = True
+                    break
+                time.sleep(0.5)
+            assert link_down, "the deploy never started building the release"
+            done = deploy.wait(timeout=300)
     finally:
-        if deploy.poll() is None:
-            deploy.kill()
-            deploy.wait()
         subprocess.run(["ip", "link", "set", host.veth, "up"], check=True)
-    assert deploy.returncode != 0, text[-3000:]
+    text = output(done)
+    assert done.returncode != 0, text[-3000:]
     assert "UNREACHABLE" in text, text[-3000:]
     time.sleep(2)
     host.assert_serves(host.current)
