@@ -20,6 +20,26 @@ from support.lab import LabHost, LabSession, lab_command, start_lab
 
 __all__ = ["LabHost", "LabSession", "lab_command", "start_lab"]
 
+# Every test's time limit (pytest-timeout, which stops a hung test and names it), by suite,
+# sized for a loaded 2-core machine. A test's own timeout mark wins; pytest.ini's 1200 s is the
+# ceiling for anything else. A test pays for the fixtures it is the first to use: the lab
+# suites' limits leave room for `lab/lab up` and, in deploy and hardening, a first deploy.
+SUITE_TIMEOUTS = {
+    "service": 120,  # a server on loopback, a few seconds of load at most
+    "aws": 300,  # moto's server and a few playbooks against it
+    "bench": 900,  # bench/run service for a round (its own limit is 600 s)
+    "lab": 600,  # the session lab's `up` (3 hosts) and a few commands on the hosts
+    "deploy": 900,  # lab up, provision, then a deploy of 3 hosts
+    "hardening": 900,  # a one-host lab, its first deploy, and one fault with its rerun
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        suite = item.path.parent.name
+        if item.get_closest_marker("timeout") is None and suite in SUITE_TIMEOUTS:
+            item.add_marker(pytest.mark.timeout(SUITE_TIMEOUTS[suite]))
+
 
 @pytest.fixture(scope="session")
 def lab() -> Iterator[LabSession]:

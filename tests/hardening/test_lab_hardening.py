@@ -32,7 +32,8 @@ from support import watchdog
 from support.ansible import with_ssh_options
 from support.lab import LabSession, attach_lab, output
 
-pytestmark = [pytest.mark.lab, pytest.mark.timeout(3600)]
+# The first test also pays for the fixture: lab up, provision and the first deploy.
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(1200)]
 
 REPO = Path(__file__).resolve().parents[2]
 GREETER = REPO / ".venv" / "bin" / "greeter"
@@ -461,8 +462,9 @@ def test_package_source_gone_during_deploy(host: Host) -> None:
 
 class StallingAptSource:
     """An apt proxy on the lab bridge that answers and then stalls: a 200 whose body never ends
-    (a byte every few seconds, so apt's idle Acquire::http::Timeout never fires) and no more
-    reading from that connection. The hang of issue 15, on demand: apt has no overall deadline."""
+    (a byte every few seconds, so apt's idle Acquire::http::Timeout never fires; 150 kB take a
+    week) and no more reading from that connection. Issue 15's class of hang, on demand: apt has
+    no overall deadline."""
 
     def __init__(self, address: str) -> None:
         self.server = socket.create_server((address, 0))
@@ -483,7 +485,8 @@ class StallingAptSource:
     def _stall(conn: socket.socket) -> None:
         with contextlib.suppress(OSError):
             conn.recv(65536)  # the first request; nothing after it is ever read
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n")
+            # A size apt accepts for an index (InRelease is ~150 kB): a bigger one it refuses.
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 150000\r\n\r\n")
             while True:
                 time.sleep(5)
                 conn.sendall(b"x")
