@@ -97,7 +97,16 @@ class Progress:
 
 
 def _group_alive(pgid: int) -> bool:
-    return _signal_group(pgid, 0)
+    """Whether a live (not zombie) process is left in the group. Not kill(0): a zombie whose
+    parent died waits for init to reap it, and on this kind of machine PID 1 may never do so."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
 
 
 def _signal_group(pgid: int, signum: int) -> bool:
