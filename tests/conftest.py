@@ -25,8 +25,8 @@ __all__ = ["LabHost", "LabSession", "lab_command", "start_lab"]
 # ceiling for anything else. A test pays for the fixtures it is the first to use: the lab
 # suites' limits leave room for `lab/lab up` and, in deploy and hardening, a first deploy.
 SUITE_TIMEOUTS = {
-    "service": 120,  # a server on loopback, a few seconds of load at most
-    "aws": 300,  # moto's server and a few playbooks against it
+    "service": 300,  # a server on loopback, a few seconds of load at most
+    "aws": 600,  # moto's server and up to five playbooks against it (~90 s on a quiet machine)
     "bench": 900,  # bench/run service for a round (its own limit is 600 s)
     "lab": 600,  # the session lab's `up` (3 hosts) and a few commands on the hosts
     "deploy": 900,  # lab up, provision, then a deploy of 3 hosts
