@@ -521,7 +521,7 @@ def test_apt_source_that_answers_then_stalls_fails_within_the_bound_and_a_rerun_
         text = " ".join(output(result).split())
         assert result.returncode != 0, text[-3000:]
         assert source.connections > 0, "apt never reached the stalling source"
-        assert '"Refresh the package lists" ran out of its time bound' in text, text[-3000:]
+        assert '"Wait for the package lists" ran out of its time bound' in text, text[-3000:]
         assert "no result within 15 s (greeter_apt_timeout)" in text, text[-3000:]
         assert "waiting for apt to fetch the package lists" in text, text[-3000:]
         assert f"still serves release {host.current}" in text, text[-3000:]
