@@ -31,6 +31,7 @@ SUITE_TIMEOUTS = {
     "lab": 600,  # the session lab's `up` (3 hosts) and a few commands on the hosts
     "deploy": 900,  # lab up, provision, then a deploy of 3 hosts
     "hardening": 900,  # a one-host lab, its first deploy, and one fault with its rerun
+    "ops": 1200,  # a two-host lab, the deploy workflow's command, its messages in the emulator
 }
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import boto3
 import pytest
+from support import watchdog
 from support.lab import LabSession
 
 pytestmark = pytest.mark.lab
@@ -164,15 +165,7 @@ def test_the_deploy_job_deploys_a_tag_to_the_staging_stack_and_probes_it(
     env = {key: value for key, value in staging.env.items() if key != "ANSIBLE_PRIVATE_KEY_FILE"}
     env["SSH_PRIVATE_KEY"] = Path(staging.env["ANSIBLE_PRIVATE_KEY_FILE"]).read_text()
     started = time.monotonic()
-    result = subprocess.run(
-        [str(checkout / ".ci" / "deploy"), TAG],
-        cwd=checkout,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        check=False,
-    )
+    result = watchdog.run([checkout / ".ci" / "deploy", TAG], 1800, cwd=checkout, env=env)
     print(f"\n[notices timing] .ci/deploy of 2 hosts: {time.monotonic() - started:.1f} s")
 
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
