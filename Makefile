@@ -37,7 +37,9 @@ lint: venv protos ## ruff, yamllint, ansible-lint (production profile), cfn-lint
 	actionlint
 
 test: lint host-deps ## every lint and every test
-	pytest
+	# Two workers, a test file each at a time: most of a lab test is waiting on hosts, so two
+	# files side by side use the 2 cores that one leaves half idle. Each worker has its own labs.
+	pytest -n 2 --dist loadfile
 
 demo: venv protos host-deps ## the main job: emulated AWS + $(N) lab hosts, site.yml, probe table
 	lab/demo $(N)
