@@ -80,14 +80,8 @@ class Lab:
     image: str = ""
     commit: str = ""
     stack: str = STACK  # GREETER_STACK_NAME at `up`: the stack the lab's hosts stand in for
-    hosts: list[Host] = field(default_factory=list)  # the backends, <stack>-1 .. <stack>-N
-    balancer: Host | None = None  # the stack's balancer instance, <stack>-lb
+    hosts: list[Host] = field(default_factory=list)
     processes: dict[str, list[int]] = field(default_factory=dict)  # role -> [pid, start time]
-
-    @property
-    def machines(self) -> list[Host]:
-        """Every host the lab runs: the backends, then the balancer."""
-        return [*self.hosts, *([self.balancer] if self.balancer else [])]
 
     @property
     def state(self) -> Path:
@@ -106,7 +100,6 @@ class Lab:
             return None
         data = json.loads(path.read_text())
         data["hosts"] = [Host(**h) for h in data["hosts"]]
-        data["balancer"] = Host(**data["balancer"]) if data.get("balancer") else None
         return cls(**data)
 
 
@@ -560,7 +553,7 @@ def run_host(name: str, index: int) -> int:
     lab = Lab.load(name)
     if lab is None:
         raise LabError(f"lab {name} has no state")
-    host = next(h for h in lab.machines if h.index == index)
+    host = lab.hosts[index]
     join_cgroups(cgroup_name(lab, host))
     env = dict(os.environ, SYSTEMD_NSPAWN_API_VFS_WRITABLE="network")
     stopping = False
@@ -585,9 +578,9 @@ def run_host(name: str, index: int) -> int:
 
 def wait_ssh(lab: Lab, timeout: float | None = None) -> None:
     # Hosts boot in parallel but share two cores: allow more time for bigger labs.
-    timeout = timeout if timeout is not None else 60.0 + 10.0 * len(lab.machines)
+    timeout = timeout if timeout is not None else 60.0 + 10.0 * len(lab.hosts)
     deadline = time.monotonic() + timeout
-    pending = {h.name: h for h in lab.machines}
+    pending = {h.name: h for h in lab.hosts}
     while pending:
         for host in list(pending.values()):
             check_route(host.address, lab.bridge)
@@ -639,10 +632,8 @@ greeter_version: {commit}
 
 INVENTORY_HOST = """\
 ---
-# Written by lab/lab up: instance {name} is backed by a lab host, which the balancer reaches
-# at the same address.
+# Written by lab/lab up: instance {name} is backed by a lab host.
 ansible_host: {address}
-greeter_backend_address: {address}
 """
 
 
@@ -663,7 +654,7 @@ def write_inventory(lab: Lab) -> None:
             commit=lab.commit,
         )
     )
-    for host in lab.machines:
+    for host in lab.hosts:
         check_route(host.address, lab.bridge)
         (inv / "host_vars" / f"{host.name}.yml").write_text(
             INVENTORY_HOST.format(name=host.name, address=host.address)
@@ -743,15 +734,6 @@ def new_lab(name: str, count: int) -> Lab:
         )
         for i in range(count)
     ]
-    # The stack's balancer instance (<stack>-lb) just below the backends' addresses.
-    balancer = Host(
-        index=count,
-        name=f"{stack}-lb",
-        address=str(addresses[9]),
-        netns=f"gl-{sid}-lb",
-        veth=f"gl-{sid}-lb",
-        machine=f"gl-{sid}-lb",
-    )
     return Lab(
         name=name,
         subnet=str(subnet),
@@ -760,12 +742,11 @@ def new_lab(name: str, count: int) -> Lab:
         emulator_port=choose_port(name),
         stack=stack,
         hosts=hosts,
-        balancer=balancer,
     )
 
 
 def is_up(lab: Lab) -> bool:
-    return all(alive(lab.processes.get(f"host-{h.index}")) for h in lab.machines) and all(
+    return all(alive(lab.processes.get(f"host-{h.index}")) for h in lab.hosts) and all(
         alive(lab.processes.get(role)) for role in ("emulator", "apt", "git", "wheels")
     )
 
@@ -807,7 +788,7 @@ def cmd_up(count: int) -> None:
         (lab.state / "ssh" / "known_hosts").touch()
         make_network(lab)
         mount_host_tmpfs(lab)
-        for host in lab.machines:
+        for host in lab.hosts:
             check_route(host.address, lab.bridge)
             make_host_network(lab, host)
             prepare_root(lab, host, image)
@@ -867,13 +848,13 @@ def cmd_down() -> None:
     terminate(services)  # they stop while the hosts power off
     hosts = [r for role, r in lab.processes.items() if role.startswith("host-")]
     stop(hosts, HOST_STOP_TIMEOUT)
-    for host in lab.machines:  # anything left in a host's cgroups was started by that host
+    for host in lab.hosts:  # anything left in a host's cgroups was started by that host
         cgroup = cgroup_name(lab, host)
         for pid in cgroup_pids(cgroup):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     stop(services)
-    for host in lab.machines:
+    for host in lab.hosts:
         root = host_dir(lab, host) / "root"
         if os.path.ismount(root):
             # nspawn's lock for the root directory outlives it; it is named after the mount.
@@ -913,7 +894,7 @@ def cmd_status() -> int:
     )
     for role in ("emulator", "apt", "git", "wheels"):
         print(f"  {role:<9} {'running' if alive(lab.processes.get(role)) else 'STOPPED'}")
-    for host in lab.machines:
+    for host in lab.hosts:
         state = "running" if alive(lab.processes.get(f"host-{host.index}")) else "STOPPED"
         print(f"  {host.name:<12} {host.address:<15} {state}")
     return 0 if is_up(lab) else 1
@@ -931,15 +912,14 @@ def cmd_ssh(target: str, command: list[str]) -> None:
     lab = Lab.load(lab_name())
     if lab is None:
         raise LabError(f"lab {lab_name()} is not up")
-    for host in lab.machines:
+    for host in lab.hosts:
         if target in (host.name, host.address, str(host.index + 1)):
             check_route(host.address, lab.bridge)
             # One shared connection per host makes repeated `lab ssh` calls cheap; `down` ends it.
             mux = ["-o", "ControlMaster=auto", "-o", f"ControlPath={lab.state / 'ssh' / 'cm-%C'}"]
             argv = [*ssh_command(lab, host), *mux, "-o", "ControlPersist=60", *command]
             os.execvp(argv[0], argv)  # noqa: S606 - the user's interactive session
-    names = ", ".join(h.name for h in lab.machines)
-    raise LabError(f"no host {target!r} in lab {lab.name}: {names}")
+    raise LabError(f"no host {target!r} in lab {lab.name}: {', '.join(h.name for h in lab.hosts)}")
 
 
 def main(argv: list[str] | None = None) -> int:
