@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,9 +34,11 @@ def ansible_raw(lab: LabSession, env: dict[str, str], *verbosity: str):
     )  # fmt: skip
 
 
-def fresh_connection(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
-    """No master connection from an earlier run: it would keep the options it was opened with."""
-    return dict(env, ANSIBLE_SSH_CONTROL_PATH_DIR=str(tmp_path / "cp"))
+def fresh_connection(env: dict[str, str]) -> dict[str, str]:
+    """No master connection from an earlier run: it would keep the options it was opened with.
+    The folder is a short one of its own under /tmp, not inside tmp_path: a control socket's path
+    must fit a Unix socket address (108 bytes), and pytest-xdist's tmp_path is long."""
+    return dict(env, ANSIBLE_SSH_CONTROL_PATH_DIR=tempfile.mkdtemp(prefix="cp-"))
 
 
 def effective_ssh_options(lab: LabSession, env: dict[str, str]) -> dict[str, str]:
@@ -53,30 +56,28 @@ def effective_ssh_options(lab: LabSession, env: dict[str, str]) -> dict[str, str
     return dict(line.split(" ", 1) for line in shown.splitlines() if " " in line)
 
 
-def test_the_labs_host_key_pinning_and_the_tests_keep_alive_apply(
-    lab: LabSession, tmp_path: Path
-) -> None:
-    plain = effective_ssh_options(lab, fresh_connection(lab.env, tmp_path))
+def test_the_labs_host_key_pinning_and_the_tests_keep_alive_apply(lab: LabSession) -> None:
+    plain = effective_ssh_options(lab, fresh_connection(lab.env))
     assert plain["stricthostkeychecking"] == "true", plain  # the lab's `yes`, not `accept-new`
     assert plain["userknownhostsfile"] == str(lab.state / "ssh" / "known_hosts"), plain
     assert plain["serveraliveinterval"] == "5", plain  # ansible.cfg's, still applied
     keep_alive = ("-o", "ServerAliveInterval=2", "-o", "ServerAliveCountMax=2")
-    env = fresh_connection(with_ssh_options(lab.env, *keep_alive), tmp_path / "keep-alive")
+    env = fresh_connection(with_ssh_options(lab.env, *keep_alive))
     tuned = effective_ssh_options(lab, env)
     assert (tuned["serveraliveinterval"], tuned["serveralivecountmax"]) == ("2", "2"), tuned
     assert tuned["stricthostkeychecking"] == "true", tuned
 
 
-def known_hosts_env(lab: LabSession, known_hosts: Path, tmp_path: Path) -> dict[str, str]:
+def known_hosts_env(lab: LabSession, known_hosts: Path) -> dict[str, str]:
     env = with_ssh_options(lab.env, "-o", f"UserKnownHostsFile={known_hosts}")
-    return fresh_connection(env, tmp_path)
+    return fresh_connection(env)
 
 
 def test_the_lab_refuses_a_host_whose_key_it_does_not_know(lab: LabSession, tmp_path: Path) -> None:
     """accept-new (ansible.cfg) would trust it and write its key; the lab's `yes` refuses."""
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text("")
-    result = ansible_raw(lab, known_hosts_env(lab, known_hosts, tmp_path))
+    result = ansible_raw(lab, known_hosts_env(lab, known_hosts))
     text = result.stdout + result.stderr
     assert result.returncode != 0, text
     assert "Host key verification failed" in text, text[-3000:]
@@ -92,7 +93,7 @@ def test_the_lab_refuses_a_host_whose_key_changed(lab: LabSession, tmp_path: Pat
     impostor = (tmp_path / "impostor.pub").read_text().split()[:2]
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text(f"{host.address} {' '.join(impostor)}\n")
-    result = ansible_raw(lab, known_hosts_env(lab, known_hosts, tmp_path))
+    result = ansible_raw(lab, known_hosts_env(lab, known_hosts))
     text = result.stdout + result.stderr
     assert result.returncode != 0, text
     assert re.search(r"REMOTE HOST IDENTIFICATION HAS CHANGED|Host key verification failed", text)
