@@ -106,7 +106,8 @@ def _zombie_or_reused(pid: int) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     except OSError:
         return True
-    return str(REPO / ".lab" / prefixed(NAME)) not in cmdline and "labctl.py" not in cmdline
+    ours = (str(REPO / ".lab" / prefixed(NAME)), str(REPO / "lab" / "labctl"))
+    return not any(mark in cmdline for mark in ours)
 
 
 def test_lab_env_fails_clearly_when_the_lab_is_not_up(lab_cli: Callable) -> None:

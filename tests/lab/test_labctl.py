@@ -1,8 +1,7 @@
-"""lab/labctl.py's safety rules and names, checked without bringing a lab up."""
+"""lab/labctl's safety rules and names, checked without bringing a lab up."""
 
 from __future__ import annotations
 
-import importlib.util
 import ipaddress
 import json
 import subprocess
@@ -12,61 +11,53 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "lab"))  # the lab's package, standard library only
 
-
-def load_labctl():
-    spec = importlib.util.spec_from_file_location("labctl", REPO / "lab" / "labctl.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["labctl"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-labctl = load_labctl()
+from labctl import common, network  # noqa: E402 - after the path above
 
 
 def test_an_address_that_does_not_leave_through_the_lab_bridge_is_refused() -> None:
     # `ip route get` only consults the routing table: nothing is sent anywhere.
-    with pytest.raises(labctl.LabError, match=r"refusing 127\.0\.0\.1"):
-        labctl.check_route("127.0.0.1", "gl-nosuch")
+    with pytest.raises(common.LabError, match=r"refusing 127\.0\.0\.1"):
+        network.check_route("127.0.0.1", "gl-nosuch")
     default = json.loads(
         subprocess.run(["ip", "-j", "route", "get", "198.51.100.7"], capture_output=True,
                        text=True, check=True).stdout
     )[0]  # fmt: skip
-    with pytest.raises(labctl.LabError, match="not the lab bridge"):
-        labctl.check_route("198.51.100.7", default["dev"])  # right device, but via a gateway
+    with pytest.raises(common.LabError, match="not the lab bridge"):
+        network.check_route("198.51.100.7", default["dev"])  # right device, but via a gateway
 
 
 def test_a_subnet_the_machine_already_routes_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    taken = labctl.routed_networks()
+    taken = network.routed_networks()
     assert any(net.overlaps(ipaddress.ip_network("127.0.0.0/8")) for net in taken)
     monkeypatch.setenv("LAB_SUBNET", "127.0.0.0/24")
-    with pytest.raises(labctl.LabError, match="overlaps a network in use"):
-        labctl.choose_subnet("demo")
+    with pytest.raises(common.LabError, match="overlaps a network in use"):
+        network.choose_subnet("demo")
 
 
 def test_derived_subnets_avoid_every_routed_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LAB_SUBNET", raising=False)
-    subnet = labctl.choose_subnet("some-lab")
+    subnet = network.choose_subnet("some-lab")
     assert subnet.prefixlen == 24
     assert subnet.subnet_of(ipaddress.ip_network("10.213.0.0/16"))
-    assert not any(subnet.overlaps(net) for net in labctl.routed_networks())
+    assert not any(subnet.overlaps(net) for net in network.routed_networks())
 
 
 @pytest.mark.parametrize("name", ["demo", "test", "a-very-long-lab-name-for-ci-42"])
 def test_interface_names_fit_the_kernel_limit(name: str) -> None:
     for i in (1, 5):
-        iface = f"gl-{labctl.short_id(name)}-{i}"
+        iface = f"gl-{common.short_id(name)}-{i}"
         assert len(iface) <= 15, iface
-    assert labctl.short_id("demo") == "demo"
-    assert labctl.short_id("a-very-long-lab-name-for-ci-42") != labctl.short_id("a-very-long-lab-x")
+    assert common.short_id("demo") == "demo"
+    assert common.short_id("a-very-long-lab-name-for-ci-42") != common.short_id("a-very-long-lab-x")
 
 
 @pytest.mark.parametrize("bad", ["Demo", "demo lab", "../etc", "x" * 33, "demo;rm", "dé", "-x"])
 def test_unsafe_lab_names_are_refused(bad: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LAB_NAME", bad)
-    with pytest.raises(labctl.LabError, match="LAB_NAME"):
-        labctl.lab_name()
+    with pytest.raises(common.LabError, match="LAB_NAME"):
+        common.lab_name()
 
 
 @pytest.mark.parametrize("good", ["demo", "test", "ci-42", "0"])
@@ -74,4 +65,4 @@ def test_lab_names_of_letters_digits_and_dashes_are_accepted(
     good: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("LAB_NAME", good)
-    assert labctl.lab_name() == good
+    assert common.lab_name() == good

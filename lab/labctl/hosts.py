@@ -1,0 +1,194 @@
+"""The hosts: one overlay root, cgroup and systemd-nspawn supervisor each, and SSH to them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+from .common import APT_PORT, CGROUP_ROOTS, SSH_USER, WHEEL_PORT, LabError, log, run
+from .network import check_route
+from .state import Host, Lab
+
+
+def host_dir(lab: Lab, host: Host) -> Path:
+    return lab.state / "hosts" / host.name
+
+
+def mount_host_tmpfs(lab: Lab) -> None:
+    """Keep what the hosts write (their overlay upper dirs) in memory: a disposable host's
+    writes never need to reach the disk, and `down` then has nothing to flush or delete."""
+    hosts = lab.state / "hosts"
+    hosts.mkdir(exist_ok=True)
+    size = os.environ.get("LAB_HOSTS_TMPFS_SIZE", "16g")
+    run("mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", f"lab-{lab.name}", hosts)
+
+
+def cgroup_name(lab: Lab, host: Host) -> str:
+    return f"greeter-lab/{host.machine}"
+
+
+HOST_APT_PROXY = """\
+// Written by lab/lab: the lab's apt-cacher-ng on the bridge (the Debian archive only).
+Acquire::http::Proxy "http://{bridge}:{apt_port}";
+// A half-closed connection to the proxy must fail and be retried, not hang a deploy for minutes.
+Acquire::http::Timeout "30";
+Acquire::Retries "3";
+"""
+
+
+HOST_PIP_CONF = """\
+# Written by lab/lab: the lab's wheelhouse on the bridge. Real hosts use PyPI, or a wheelhouse
+# of their own in private subnets.
+[global]
+no-index = true
+find-links = http://{bridge}:{wheel_port}/
+trusted-host = {bridge}
+disable-pip-version-check = true
+"""
+
+
+HOST_HOSTS = """\
+127.0.0.1\tlocalhost
+127.0.1.1\t{name}
+::1\tlocalhost ip6-localhost ip6-loopback
+"""
+
+
+def keygen(path: Path, comment: str) -> None:
+    run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", path)
+
+
+def prepare_root(lab: Lab, host: Host, image: Path) -> None:
+    """Mount the host's overlay and give it its own identity, SSH keys and package sources."""
+    d = host_dir(lab, host)
+    for sub in ("upper", "work", "root"):
+        (d / sub).mkdir(parents=True, exist_ok=True)
+    run(
+        "mount", "-t", "overlay", "overlay",
+        "-o", f"lowerdir={image},upperdir={d / 'upper'},workdir={d / 'work'}", d / "root",
+    )  # fmt: skip
+    root = d / "root"
+    (root / "etc/hostname").write_text(f"{host.name}\n")
+    (root / "etc/hosts").write_text(HOST_HOSTS.format(name=host.name))
+    (root / "etc/machine-id").write_text(uuid.uuid4().hex + "\n")
+    key = root / "etc/ssh/ssh_host_ed25519_key"
+    keygen(key, f"root@{host.name}")
+    ssh = root / "home/ubuntu/.ssh"
+    shutil.copy(lab.state / "ssh" / "id_ed25519.pub", ssh / "authorized_keys")
+    os.chown(ssh / "authorized_keys", 1000, 1000)
+    os.chmod(ssh / "authorized_keys", 0o600)
+    sources = {"bridge": lab.bridge_address, "apt_port": APT_PORT, "wheel_port": WHEEL_PORT}
+    (root / "etc/apt/apt.conf.d/80lab-proxy").write_text(HOST_APT_PROXY.format(**sources))
+    (root / "etc/pip.conf").write_text(HOST_PIP_CONF.format(**sources))
+    public = Path(f"{key}.pub").read_text().split()[:2]
+    with (lab.state / "ssh" / "known_hosts").open("a") as out:
+        out.write(f"{host.address} {' '.join(public)}\n")
+
+
+def join_cgroups(name: str) -> None:
+    """Move this process into its own cgroup, so each nspawn gets its own payload/supervisor."""
+    for base in CGROUP_ROOTS:
+        if base.is_dir():
+            path = base / name
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "cgroup.procs").write_text(f"{os.getpid()}\n")
+
+
+def cgroup_dirs(top: Path) -> list[Path]:
+    """Every folder under a cgroup, deepest first. os.walk, not rglob: a host's systemd removes
+    its own cgroups while we look, and rglob raises on a folder that vanished mid-walk."""
+    return [Path(folder) for folder, _, _ in os.walk(top, topdown=False)]
+
+
+def cgroup_pids(name: str) -> list[int]:
+    pids = []
+    for base in CGROUP_ROOTS:
+        for folder in cgroup_dirs(base / name):
+            with contextlib.suppress(OSError):
+                pids += [int(p) for p in (folder / "cgroup.procs").read_text().split()]
+    return pids
+
+
+def remove_cgroups(name: str) -> None:
+    for base in CGROUP_ROOTS:
+        top = base / name
+        if top.is_dir():
+            for path in cgroup_dirs(top):  # top itself comes last
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+            with contextlib.suppress(OSError):
+                top.parent.rmdir()  # greeter-lab itself, once no other lab uses it
+
+
+def nspawn_command(lab: Lab, host: Host) -> list[str]:
+    return [
+        "systemd-nspawn", "--boot", "--quiet",
+        f"--directory={host_dir(lab, host) / 'root'}", f"--machine={host.machine}",
+        "--register=no", "--keep-unit", f"--network-namespace-path=/run/netns/{host.netns}",
+        "--resolv-conf=off", "--timezone=off", "--link-journal=no", "--console=passive",
+    ]  # fmt: skip
+
+
+def run_host(name: str, index: int) -> int:
+    """Keep one host running: boot it and boot it again whenever the guest reboots (exit 133)."""
+    lab = Lab.load(name)
+    if lab is None:
+        raise LabError(f"lab {name} has no state")
+    host = lab.hosts[index]
+    join_cgroups(cgroup_name(lab, host))
+    env = dict(os.environ, SYSTEMD_NSPAWN_API_VFS_WRITABLE="network")
+    stopping = False
+    child: subprocess.Popen | None = None
+
+    def on_term(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGTERM)  # nspawn asks the guest's systemd to power off
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    while True:
+        child = subprocess.Popen(nspawn_command(lab, host), env=env, stdin=subprocess.DEVNULL)
+        code = child.wait()
+        if stopping or code != 133:
+            log(f"{host.name}: nspawn exited with {code}")
+            return code
+        log(f"{host.name}: the guest rebooted; booting it again")
+
+
+def wait_ssh(lab: Lab, timeout: float | None = None) -> None:
+    # Hosts boot in parallel but share two cores: allow more time for bigger labs.
+    timeout = timeout if timeout is not None else 60.0 + 10.0 * len(lab.hosts)
+    deadline = time.monotonic() + timeout
+    pending = {h.name: h for h in lab.hosts}
+    while pending:
+        for host in list(pending.values()):
+            check_route(host.address, lab.bridge)
+            argv = [*ssh_command(lab, host), "-o", "ConnectTimeout=1", "true"]
+            probe = run(*argv, check=False, capture_output=True)
+            if probe.returncode == 0:
+                del pending[host.name]
+        if pending and time.monotonic() > deadline:
+            raise LabError(f"no SSH answer within {timeout:.0f}s from {', '.join(pending)}")
+        if pending:
+            time.sleep(0.2)
+
+
+def ssh_options(lab: Lab) -> list[str]:
+    return [
+        "-i", str(lab.state / "ssh" / "id_ed25519"),
+        "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+        "-o", f"UserKnownHostsFile={lab.state / 'ssh' / 'known_hosts'}",
+        "-o", "StrictHostKeyChecking=yes", "-o", "GlobalKnownHostsFile=/dev/null",
+    ]  # fmt: skip
+
+
+def ssh_command(lab: Lab, host: Host) -> list[str]:
+    return ["ssh", *ssh_options(lab), f"{SSH_USER}@{host.address}"]

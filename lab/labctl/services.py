@@ -1,0 +1,117 @@
+"""The services on the bridge (apt proxy, git daemon, wheels) and the AWS emulator on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+from .common import (
+    APT_PORT,
+    EMULATOR,
+    GIT_PORT,
+    LAB_ROOT,
+    REPO,
+    VENV_BIN,
+    WHEEL_PORT,
+    WHEEL_REQUIREMENTS,
+    LabError,
+    log,
+    run,
+)
+from .image import image_mirror
+from .state import Lab, alive, spawn
+
+
+def git_head() -> str:
+    return run("git", "-C", REPO, "rev-parse", "HEAD", capture_output=True).stdout.strip()
+
+
+def refresh_mirror(lab: Lab) -> str:
+    """Push the working repository's committed HEAD (and tags) into the lab's bare mirror."""
+    mirror = lab.state / "git" / "greeter.git"
+    if not mirror.exists():
+        run("git", "init", "--quiet", "--bare", "--initial-branch=main", mirror)
+        (mirror / "git-daemon-export-ok").touch()
+    refs = ["HEAD:refs/heads/main", "refs/tags/*:refs/tags/*"]
+    run("git", "-C", REPO, "push", "--quiet", "--force", mirror, *refs)
+    lab.commit = git_head()
+    lab.save()
+    return lab.commit
+
+
+def ensure_wheelhouse() -> Path:
+    """Wheels for the service's pinned requirements, downloaded once per requirements file."""
+    key = hashlib.sha256(WHEEL_REQUIREMENTS.read_bytes()).hexdigest()[:16]
+    house = LAB_ROOT / "cache" / "wheels" / key
+    if (house / ".complete").exists():
+        return house
+    pip = VENV_BIN / "pip"
+    if not pip.exists():
+        raise LabError(f"{pip} is missing: run `make venv` first")
+    log("downloading the wheelhouse for service/requirements.txt (once)")
+    house.mkdir(parents=True, exist_ok=True)
+    # The hosts run Debian 12's CPython 3.11 on x86_64; ask for exactly their wheels.
+    run(
+        pip, "download", "--quiet", "--disable-pip-version-check", "--dest", house,
+        "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
+        "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64",
+        "--platform", "manylinux_2_28_x86_64",
+        "-r", WHEEL_REQUIREMENTS, "pip", "wheel",
+    )  # fmt: skip
+    (house / ".complete").touch()
+    return house
+
+
+# ForceManaged: only the Remap-* archives below are served (403 for anything else), and an
+# empty PassThroughPattern allows no CONNECT tunnels.
+ACNG_CONF = """\
+CacheDir: {cache}
+LogDir: {conf}/log
+SupportDir: /usr/lib/apt-cacher-ng
+BindAddress: {bridge}
+Port: {port}
+SocketPath: {conf}/socket
+Remap-debrep: file:deb_mirror*.gz /debian ; file:backends_debian
+Remap-secdeb: security.debian.org security.debian.org/debian-security \
+  deb.debian.org/debian-security /debian-security ; deb.debian.org/debian-security
+ForceManaged: 1
+PassThroughPattern: ^$
+ExThreshold: 4
+"""
+
+
+def apt_proxy_config(lab: Lab) -> Path:
+    """An apt-cacher-ng configuration that serves the Debian archive and nothing else."""
+    conf = lab.state / "apt-cacher-ng"
+    cache = LAB_ROOT / "cache" / f"apt-{lab.name}"
+    for path in (conf / "log", cache):
+        path.mkdir(parents=True, exist_ok=True)
+    (conf / "backends_debian").write_text(image_mirror().rstrip("/") + "/\n")
+    (conf / "acng.conf").write_text(
+        ACNG_CONF.format(cache=cache, conf=conf, bridge=lab.bridge_address, port=APT_PORT)
+    )
+    return conf
+
+
+def start_services(lab: Lab) -> None:
+    """The emulator on loopback; the apt proxy, git daemon and wheel server on the bridge only."""
+    b = lab.bridge_address
+    git_root = str(lab.state / "git")
+    commands = {
+        "emulator": lambda: [
+            str(VENV_BIN / "python"), str(EMULATOR), "--port", str(lab.emulator_port),
+        ],
+        "apt": lambda: ["apt-cacher-ng", "-c", str(apt_proxy_config(lab)), "ForeGround=1"],
+        "git": lambda: [
+            "git", "daemon", "--reuseaddr", "--verbose", f"--listen={b}", f"--port={GIT_PORT}",
+            f"--base-path={git_root}", git_root,
+        ],
+        "wheels": lambda: [
+            sys.executable, "-m", "http.server", "--bind", b,
+            "--directory", str(ensure_wheelhouse()), str(WHEEL_PORT),
+        ],
+    }  # fmt: skip
+    for role, command in commands.items():
+        if not alive(lab.processes.get(role)):
+            spawn(lab, role, command(), lab.state / "logs" / f"{role}.log")
