@@ -65,6 +65,11 @@ def ensure_wheelhouse() -> Path:
 
 # ForceManaged: only the Remap-* archives below are served (403 for anything else), and an
 # empty PassThroughPattern allows no CONNECT tunnels.
+# SPfilePatternEx: apt-cacher-ng 3.7.4 answers some of several clients that ask for the same
+# volatile file at once "200, Content-Length: N" and closes without a body (measured: 1 to 5 of 12
+# concurrent InRelease requests, cold or cached); apt 2.6 that gets two such answers in a row for
+# one file never finishes (its http method and apt itself each wait for the other). Served as
+# static files they are whole every time; a lab starts from fresh ones (RELEASE_FILES).
 ACNG_CONF = """\
 CacheDir: {cache}
 LogDir: {conf}/log
@@ -78,7 +83,12 @@ Remap-secdeb: security.debian.org security.debian.org/debian-security \
 ForceManaged: 1
 PassThroughPattern: ^$
 ExThreshold: 4
+SPfilePatternEx: /dists/[^/]+/(InRelease|Release|Release\\.gpg)$
 """
+
+# The cached release files a lab must not inherit: static in the lab's proxy, they would stay
+# as old as the first lab of that name; each `up` fetches the archive's current ones.
+RELEASE_FILES = ("*/dists/*/InRelease*", "*/dists/*/Release*")
 
 
 def apt_proxy_config(lab: Lab) -> Path:
@@ -87,6 +97,9 @@ def apt_proxy_config(lab: Lab) -> Path:
     cache = LAB_ROOT / "cache" / f"apt-{lab.name}"
     for path in (conf / "log", cache):
         path.mkdir(parents=True, exist_ok=True)
+    for pattern in RELEASE_FILES:
+        for stale in cache.glob(pattern):
+            stale.unlink()
     (conf / "backends_debian").write_text(image_mirror().rstrip("/") + "/\n")
     (conf / "acng.conf").write_text(
         ACNG_CONF.format(cache=cache, conf=conf, bridge=lab.bridge_address, port=APT_PORT)
