@@ -23,18 +23,25 @@ DOCUMENTATION = r"""
 module: greeter_release_info
 short_description: Report releases, packages and service state of a greeter host in one call
 description:
-  - Reads the release tree under O(root) (C(releases/<commit>/), C(current) and C(previous) links,
-    the C(.complete) marker of each release), which of O(packages) are not installed,
-    the systemd version, C(/etc/os-release) and the state of O(unit).
+  - Reads the tree under O(root): the code builds (C(builds/<commit>/) and their C(.complete)
+    marker), the releases (C(releases/<commit>-<config digest>/), each a build paired with the
+    configuration the service reads, with its C(.complete) marker and the state of its
+    O(release_files)), the C(current) and C(previous) links; which of O(packages) are not
+    installed, the systemd version, C(/etc/os-release) and the state of O(unit).
   - Read-only; safe in check mode.
 options:
   root:
-    description: Directory holding C(releases/), C(current) and C(previous).
+    description: Directory holding C(builds/), C(releases/), C(current) and C(previous).
     type: path
     default: /opt/greeter
   commit:
-    description: The commit about to be deployed (see RV(wanted_complete)).
+    description: The commit about to be deployed (see RV(build_complete)).
     type: str
+  release_files:
+    description: Paths relative to a release directory whose state is reported for every release.
+    type: list
+    elements: str
+    default: []
   packages:
     description: Debian package names whose absence is reported in RV(missing_packages).
     type: list
@@ -58,7 +65,7 @@ options:
   probe:
     description:
       - A command (argv) checking that the service serves, run only when C(current) already points
-        to the release of O(commit) and the unit is active, so a host with nothing to change is
+        to a release of O(commit) and the unit is active, so a host with nothing to change is
         verified in this same call. Its outcome is RV(probe).
     type: list
     elements: str
@@ -77,20 +84,27 @@ EXAMPLES = r"""
 
 RETURN = r"""
 current:
-  description: Commit that C(current) points to, or null.
+  description: Release (C(<commit>-<config digest>)) that C(current) points to, or null.
   returned: always
   type: str
 previous:
-  description: Commit that C(previous) points to, or null.
+  description: Release that C(previous) points to, or null.
   returned: always
   type: str
 releases:
-  description: Releases on the host, newest build first.
+  description:
+    - Releases on the host, newest first - C(id), C(commit), C(path), C(complete), C(built) and
+      C(files) (the state of each of O(release_files) in it).
   returned: always
   type: list
   elements: dict
-wanted_complete:
-  description: Whether the release of O(commit) exists and finished building.
+builds:
+  description: Code builds on the host, newest first - C(commit), C(path), C(complete), C(built).
+  returned: always
+  type: list
+  elements: dict
+build_complete:
+  description: Whether the build of O(commit) exists and finished building.
   returned: always
   type: bool
 missing_packages:
@@ -130,35 +144,48 @@ probe:
 free:
   description:
     - C(path) and C(mib) free on it (without the blocks reserved for root) for the directory a
-      new release is built in, C(releases/) under O(root) or the nearest existing one above it.
+      new build is made in, C(builds/) under O(root) or the nearest existing one above it.
   returned: always
   type: dict
 """
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
+# A release is a build paired with a configuration: <commit>-<first 12 hex of the config digest>.
+RELEASE = re.compile(r"^[0-9a-f]{40}-[0-9a-f]{12}$")
 
 
-def _link_commit(path: str) -> str | None:
+def _link_release(path: str) -> str | None:
     """The release a link points to, by its directory name; None when absent or foreign."""
     if not os.path.islink(path):
         return None
     name = os.path.basename(os.readlink(path).rstrip("/"))
-    return name if COMMIT.match(name) else None
+    return name if RELEASE.match(name) else None
 
 
-def _releases(root: str) -> list[dict]:
-    folder = os.path.join(root, "releases")
+def _folder(root: str, kind: str, pattern: re.Pattern) -> list[dict]:
+    """Directories of builds/ or releases/, newest first, with their .complete marker."""
+    folder = os.path.join(root, kind)
     found = []
     if os.path.isdir(folder):
         for name in os.listdir(folder):
             path = os.path.join(folder, name)
-            if not COMMIT.match(name) or not os.path.isdir(path):
+            if not pattern.match(name) or not os.path.isdir(path):
                 continue
             marker = os.path.join(path, ".complete")
             complete = os.path.isfile(marker)
             built = os.stat(marker if complete else path).st_mtime
-            found.append({"commit": name, "path": path, "complete": complete, "built": built})
-    return sorted(found, key=lambda release: release["built"], reverse=True)
+            found.append({"commit": name[:40], "path": path, "complete": complete, "built": built})
+    return sorted(found, key=lambda entry: entry["built"], reverse=True)
+
+
+def _releases(module: AnsibleModule, root: str, names: list[str]) -> list[dict]:
+    releases = _folder(root, "releases", RELEASE)
+    for release in releases:
+        release["id"] = os.path.basename(release["path"])
+        release["files"] = {
+            name: _file(module, os.path.join(release["path"], name)) for name in names
+        }
+    return releases
 
 
 def _missing_packages(module: AnsibleModule, packages: list[str]) -> list[str]:
@@ -238,7 +265,7 @@ def _free(root: str) -> dict:
     A virtualenv that runs out of space fails in ensurepip with no word about space; the
     role compares this with what a release needs and says so instead.
     """
-    path = os.path.join(root, "releases")
+    path = os.path.join(root, "builds")
     while not os.path.isdir(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
     info = os.statvfs(path)
@@ -263,6 +290,7 @@ def main() -> None:
         argument_spec={
             "root": {"type": "path", "default": "/opt/greeter"},
             "commit": {"type": "str"},
+            "release_files": {"type": "list", "elements": "str", "default": []},
             "packages": {"type": "list", "elements": "str", "default": []},
             "unit": {"type": "str", "default": "greeter.service"},
             "files": {"type": "list", "elements": "path", "default": []},
@@ -274,27 +302,34 @@ def main() -> None:
     )
     root = module.params["root"]
     commit = module.params["commit"]
-    releases = _releases(root)
+    builds = _folder(root, "builds", COMMIT)
+    releases = _releases(module, root, module.params["release_files"])
     systemd_version, service = _systemd(module, module.params["unit"])
     current = os.path.join(root, "current")
     current_target = os.readlink(current) if os.path.islink(current) else None
+    current_release = _link_release(current)
     probe = None
-    wanted = os.path.normpath(os.path.join(root, "releases", commit or "-"))
     if (
         module.params["probe"]
-        and current_target is not None
-        and os.path.normpath(current_target) == wanted
+        and current_release is not None
+        and commit is not None
+        and current_release.startswith(commit + "-")
         and service.get("ActiveState") == "active"
     ):
-        rc, out, err = module.run_command(module.params["probe"])
-        probe = {"rc": rc, "stdout": out, "stderr": err}
+        command = module.params["probe"]
+        if os.access(command[0], os.X_OK):
+            rc, out, err = module.run_command(command)
+            probe = {"rc": rc, "stdout": out, "stderr": err}
+        else:  # a release without its probe is not as the role makes it: not in sync
+            probe = {"rc": 127, "stdout": "", "stderr": f"{command[0]}: not found"}
     module.exit_json(
         changed=False,
-        current=_link_commit(current),
+        current=current_release,
         current_target=current_target,
-        previous=_link_commit(os.path.join(root, "previous")),
+        previous=_link_release(os.path.join(root, "previous")),
         releases=releases,
-        wanted_complete=any(r["commit"] == commit and r["complete"] for r in releases),
+        builds=builds,
+        build_complete=any(b["commit"] == commit and b["complete"] for b in builds),
         missing_packages=_missing_packages(module, module.params["packages"]),
         service=service,
         systemd_version=systemd_version,
