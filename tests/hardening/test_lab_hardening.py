@@ -204,8 +204,8 @@ def test_service_can_write_only_its_state_and_runtime_dirs(host: Host) -> None:
     ]
     assert outside == [], f"the service can write outside {WRITABLE}: {outside[:20]}"
     assert {"/var/lib/greeter", "/run/greeter"} <= set(found)
-    # The release, the configuration and the system are read-only mounts for the service.
-    for path in ("/opt/greeter/current/venv", "/etc/greeter", "/usr/local", "/var/log"):
+    # The release (code and configuration) and the system are read-only mounts for the service.
+    for path in ("/opt/greeter/current/venv", "/opt/greeter/current", "/usr/local", "/var/log"):
         result = host.ssh(
             "pid=$(systemctl show -p MainPID --value greeter.service); "
             f"sudo nsenter -t $pid -m -- touch {path}/.hardening-probe",
@@ -281,7 +281,7 @@ def test_tls_end_to_end(host: Host, certs: dict[str, Path], plaintext_after: Non
     # The fleet probe playbook verifies against the CA too.
     host.playbook("playbooks/probe.yml", "-e", tls_vars(certs),
                       "-e", f"greeter_expect_commit={host.current}")  # fmt: skip
-    key = host.ssh("sudo stat -c '%a %U %G' /etc/greeter/tls/server.key").stdout.split()
+    key = host.ssh("sudo stat -c '%a %U %G' /opt/greeter/current/tls/server.key").stdout.split()
     assert key == ["600", "greeter", "greeter"], key
 
 
@@ -303,10 +303,11 @@ def test_mutual_tls_refuses_clients_without_a_certificate(
     host.assert_serves(host.current, *ca, *client)
     host.playbook("playbooks/probe.yml", "-e", tls_vars(certs, mutual=True))
     keys = host.ssh(
-        "sudo stat -c '%n %a %U' /etc/greeter/tls/server.key /etc/greeter/tls/probe.key"
+        "sudo stat -c '%n %a %U' /opt/greeter/current/tls/server.key"
+        " /opt/greeter/current/tls/probe.key"
     ).stdout.split()
-    assert keys == ["/etc/greeter/tls/server.key", "600", "greeter",
-                    "/etc/greeter/tls/probe.key", "600", "root"], keys  # fmt: skip
+    assert keys == ["/opt/greeter/current/tls/server.key", "600", "greeter",
+                    "/opt/greeter/current/tls/probe.key", "600", "root"], keys  # fmt: skip
 
 
 # ---- metrics ---------------------------------------------------------------------------------
@@ -565,7 +566,7 @@ def test_host_losing_its_network_during_deploy(host: Host) -> None:
         ) as deploy:  # fmt: skip
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline and deploy.poll() is None:
-                building = host.ssh(f"test -d /opt/greeter/releases/{commit}/src", check=False)
+                building = host.ssh(f"test -d /opt/greeter/builds/{commit}/src", check=False)
                 if building.returncode == 0:
                     subprocess.run(["ip", "link", "set", host.veth, "down"], check=True)
                     link_down = True
@@ -580,15 +581,22 @@ def test_host_losing_its_network_during_deploy(host: Host) -> None:
     assert "UNREACHABLE" in text, text[-3000:]
     time.sleep(2)
     host.assert_serves(host.current)
-    host.converge(commit)
+    # The run lost the host that holds the fleet's deploy lock, so the lock outlived it: the next
+    # run is refused, saying whose it is, until told to break it.
+    refused = host.deploy("-e", f"greeter_version={commit}", check=False)
+    assert refused.returncode != 0
+    assert "Another deploy holds the fleet's lock" in " ".join(output(refused).split())
+    host.deploy("-e", f"greeter_version={commit}", "-e", "greeter_lock_break=true")
+    host.assert_serves(commit)
+    host.current = commit
 
 
 FILL = (
-    "set -e; used=$(du -sm /opt/greeter/releases | cut -f1); "
+    "set -e; used=$(du -sm /opt/greeter/builds | cut -f1); "
     "mkdir -p /mnt/hardening-full; "
     "mount -t tmpfs -o size=$((used + 16))m,mode=0755 hardening-full /mnt/hardening-full; "
-    "cp -a /opt/greeter/releases/. /mnt/hardening-full/; "
-    "mount --bind /mnt/hardening-full /opt/greeter/releases; umount -l /mnt/hardening-full"
+    "cp -a /opt/greeter/builds/. /mnt/hardening-full/; "
+    "mount --bind /mnt/hardening-full /opt/greeter/builds; umount -l /mnt/hardening-full"
 )
 
 
@@ -601,7 +609,7 @@ def test_release_disk_full_during_deploy(host: Host) -> None:
         host.assert_serves(host.current)
         built = host.ssh(f"test -e /opt/greeter/releases/{commit}", check=False).returncode == 0
     finally:
-        host.ssh("sudo umount -l /opt/greeter/releases")
+        host.ssh("sudo umount -l /opt/greeter/builds")
     assert result.returncode != 0
     # The free-space check says the disk is the problem, before anything is written (pip's own
     # "No space left on device" would mean the check did not run).
