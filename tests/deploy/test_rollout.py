@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from support.ansible import recap
 
 if TYPE_CHECKING:
     from conftest import LabSession
@@ -26,23 +27,10 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parents[2]
-RECAP = re.compile(
-    r"^(?P<host>\S+)\s+: ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)"
-    r"\s+unreachable=(?P<unreachable>\d+)\s+failed=(?P<failed>\d+)"
-)
 RELEASE = r"[0-9a-f]{40}-[0-9a-f]{12}"
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-
-def recap(output: str) -> dict[str, dict[str, int]]:
-    found = {}
-    for line in output.splitlines():
-        match = RECAP.match(line)
-        if match:
-            found[match["host"]] = {k: int(v) for k, v in match.groupdict().items() if k != "host"}
-    return found
 
 
 def text(result: subprocess.CompletedProcess | str) -> str:

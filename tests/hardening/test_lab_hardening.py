@@ -607,7 +607,7 @@ def test_release_disk_full_during_deploy(host: Host) -> None:
     try:
         result = host.deploy("-e", f"greeter_version={commit}", check=False)
         host.assert_serves(host.current)
-        built = host.ssh(f"test -e /opt/greeter/releases/{commit}", check=False).returncode == 0
+        built = host.ssh(f"test -e /opt/greeter/builds/{commit}", check=False).returncode == 0
     finally:
         host.ssh("sudo umount -l /opt/greeter/builds")
     assert result.returncode != 0
