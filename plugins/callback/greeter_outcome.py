@@ -71,8 +71,7 @@ class CallbackModule(CallbackBase):
             and outcome.get("changed")
             and str(outcome.get("dest", "")).endswith("/current")
         ):
-            # A release is releases/<commit>-<config digest>: the commit is what the message names.
-            release = os.path.basename(str(outcome.get("src", "")).rstrip("/")).split("-")[0]
+            release = os.path.basename(str(outcome.get("src", "")).rstrip("/"))
             self.switches.setdefault(result._host.get_name(), []).append(release)
 
     def v2_runner_on_failed(self, result, ignore_errors: bool = False) -> None:
