@@ -1,6 +1,6 @@
 """Rollout safety on 3 lab hosts: lost hosts, batches, revert, one deploy at a time, history.
 
-One lab (``rollout-fleet``) shared by these tests in file order, each starting from the fleet the
+One lab (``ro-fleet``) shared by these tests in file order, each starting from the fleet the
 previous one left. Each fails on the role before issue 11.
 """
 
@@ -46,7 +46,7 @@ pytestmark = pytest.mark.lab
 @pytest.fixture(scope="module")
 def fleet(extra_lab: Callable[[str, int], LabSession]) -> LabSession:
     """Three hosts serving the lab's commit."""
-    lab = extra_lab("rollout-fleet", 3)
+    lab = extra_lab("ro-fleet", 3)
     lab.playbook("playbooks/provision.yml")
     deploy(lab)
     return lab

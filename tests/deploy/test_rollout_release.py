@@ -1,6 +1,6 @@
 """Rollout safety on 2 lab hosts: a release is (commit, configuration), the bake window, rescue.
 
-One lab (``rollout-cfg``) shared by these tests in file order, each starting from the fleet the
+One lab (``ro-cfg``) shared by these tests in file order, each starting from the fleet the
 previous one left. Each fails on the role before issue 11.
 """
 
@@ -42,7 +42,7 @@ pytestmark = pytest.mark.lab
 @pytest.fixture(scope="module")
 def pair(extra_lab: Callable[[str, int], LabSession]) -> LabSession:
     """Two fresh hosts with the stack created in the lab's emulator; nothing deployed yet."""
-    lab = extra_lab("rollout-cfg", 2)
+    lab = extra_lab("ro-cfg", 2)
     lab.playbook("playbooks/provision.yml")
     return lab
 
