@@ -96,7 +96,7 @@ def batches(output: str) -> list[list[str]]:
             match = re.match(r"^(?:ok|changed): \[(\S+)\]", line)
             if match:
                 collecting.append(match[1])
-    return [sorted(batch) for batch in found]
+    return [sorted(batch) for batch in found if batch]  # batches after a stop switch nobody
 
 
 class Load:
