@@ -107,8 +107,13 @@ class Host:
         """Deploy `commit` after a fault has cleared: it must succeed and serve that commit."""
         self.deploy("-e", f"greeter_version={commit}")
         self.assert_serves(commit)
+        self.activated(commit)
+
+    def activated(self, commit: str) -> None:
+        """The host now serves `commit`: a new activation unless it served that commit already."""
+        if commit != self.current:
+            ACTIVATED.append(commit)
         self.current = commit
-        ACTIVATED.append(commit)
 
     def greeter(self, *args: str) -> subprocess.CompletedProcess:
         return self.run(str(GREETER), *args, check=False, timeout=120)
@@ -340,7 +345,9 @@ def test_metrics_port_answers_from_the_controller(host: Host, metrics_off_after:
         r"TASK \[greeter : Check that the metrics endpoint answers.*\n(.*\n)?ok: ", result.stdout
     )
     assert host.greeter("hello", host.target, " ").returncode == 4  # INVALID_ARGUMENT
-    assert host.ssh(f"sudo grep -x GREETER_METRICS_PORT={METRICS_PORT} /etc/greeter/greeter.env")
+    # The setting belongs to the release current points to (its own greeter.env).
+    env_file = host.ssh("sudo cat /opt/greeter/current/greeter.env").stdout.splitlines()
+    assert f"GREETER_METRICS_PORT={METRICS_PORT}" in env_file, env_file
     deadline = time.monotonic() + 30
     while True:  # the workers move their counts into the scraped files every 0.5 s
         text = scrape(host)
@@ -588,7 +595,7 @@ def test_host_losing_its_network_during_deploy(host: Host) -> None:
     assert "Another deploy holds the fleet's lock" in " ".join(output(refused).split())
     host.deploy("-e", f"greeter_version={commit}", "-e", "greeter_lock_break=true")
     host.assert_serves(commit)
-    host.current = commit
+    host.activated(commit)
 
 
 FILL = (
