@@ -48,6 +48,7 @@ def server_factory() -> Iterator:
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
     """One plain single-process server shared by a module's read-only tests."""
-    server = Server("--workers", "1", "--revision", "0123456789abcdef0123456789abcdef01234567")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    server = Server("--workers", "1", "--revision", commit, "--release", f"{commit}-5a1c0ffee123")
     yield server
     server.stop()

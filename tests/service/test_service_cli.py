@@ -20,6 +20,7 @@ from support.net import free_port
 from support.server import CLIENT, clean_env, run_client
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
+RELEASE = f"{COMMIT}-5a1c0ffee123"  # <commit>-<config digest>: the conftest server's --release
 
 
 def socket_owner(port: int) -> int | None:
@@ -139,9 +140,12 @@ def test_probe_table_shows_a_live_and_a_dead_target_and_exits_4(server):
     result = run_client("probe", server.target, dead, "--deadline", "3")
     assert result.returncode == 4
     header, live, down = result.stdout.splitlines()
-    assert header.split()[:4] == ["TARGET", "OK", "HEALTH", "LATENCY"]
+    assert header.split()[:8] == [
+        "TARGET", "OK", "HEALTH", "LATENCY", "VERSION", "COMMIT", "CONFIG", "HOSTNAME"
+    ]  # fmt: skip
     assert live.split()[:3] == [server.target, "yes", "SERVING"]
-    assert COMMIT[:12] in live
+    # The release it runs: its commit and the digest of its configuration, side by side.
+    assert live.split()[6:8] == [COMMIT[:12], "5a1c0ffee123"], live
     assert str(server.process.pid) in live
     assert down.split()[:3] == [dead, "NO", "-"]
     assert "UNAVAILABLE" in down
@@ -153,10 +157,11 @@ def test_probe_json_for_machines(server):
     (answer,) = json.loads(result.stdout)
     assert answer["ok"] is True
     assert answer["error"] == ""
-    assert (answer["health"], answer["greeting"], answer["commit"]) == (
+    assert (answer["health"], answer["greeting"], answer["commit"], answer["release"]) == (
         "SERVING",
         "Olá, probe!",
         COMMIT,
+        RELEASE,
     )
     assert answer["pid"] == server.process.pid
     assert answer["latency_ms"] > 0

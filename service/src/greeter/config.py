@@ -142,6 +142,13 @@ OPTIONS = (
         lambda: "",
         "the git commit this release was built from, reported by GetVersion",
     ),
+    Option(
+        "release",
+        "GREETER_RELEASE",
+        str.strip,
+        lambda: "",
+        "the release this server runs (<commit>-<config digest>), reported by GetVersion",
+    ),
 )
 
 
@@ -163,6 +170,7 @@ class ServerConfig:
     log_level: str
     metrics_port: int
     revision: str
+    release: str
 
     @property
     def address(self) -> str:

@@ -34,6 +34,7 @@ class ProbeResult:
     latency_ms: float | None = None
     version: str = ""
     commit: str = ""
+    release: str = ""  # <commit>-<config digest>, as the greeter role names a release
     hostname: str = ""
     pid: int | None = None
     error: str = ""
@@ -104,7 +105,7 @@ def _checks(channel: grpc.Channel, result: ProbeResult, deadline: float) -> None
     result.latency_ms = round((time.perf_counter() - started) * 1000, 3)
     result.greeting = reply.texto
     version = stub.GetVersion(pb.VersionRequest(), timeout=deadline)
-    result.version, result.commit = version.version, version.commit
+    result.version, result.commit, result.release = version.version, version.commit, version.release
     result.hostname, result.pid = version.hostname, version.pid
 
 
@@ -133,9 +134,20 @@ def exit_code(results: Sequence[ProbeResult]) -> int:
     return EXIT_RPC
 
 
+def config_digest(release: str) -> str:
+    """The configuration half of a release id (<commit>-<config digest>), or ""."""
+    commit, _, digest = release.partition("-")
+    return digest if commit and digest else ""
+
+
 def format_table(results: Sequence[ProbeResult]) -> str:
-    """A fixed-width table for people."""
-    header = ("TARGET", "OK", "HEALTH", "LATENCY", "VERSION", "COMMIT", "HOSTNAME", "PID", "ERROR")
+    """A fixed-width table for people. COMMIT and CONFIG together name the release a host runs
+    (the greeter role's <commit>-<config digest>): the same commit under another configuration
+    is another release."""
+    header = (
+        "TARGET", "OK", "HEALTH", "LATENCY", "VERSION", "COMMIT", "CONFIG", "HOSTNAME", "PID",
+        "ERROR",
+    )  # fmt: skip
     rows = [header]
     for r in results:
         latency = f"{r.latency_ms:.2f} ms" if r.latency_ms is not None else "-"
@@ -147,6 +159,7 @@ def format_table(results: Sequence[ProbeResult]) -> str:
                 latency,
                 r.version or "-",
                 r.commit[:12] or "-",
+                config_digest(r.release) or "-",
                 r.hostname or "-",
                 str(r.pid) if r.pid else "-",
                 r.error,

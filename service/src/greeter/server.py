@@ -190,6 +190,7 @@ def build_server(settings: config.ServerConfig, tls: TlsFiles) -> tuple[grpc.Ser
         commit=settings.revision,
         hostname=socket.gethostname(),
         pid=os.getpid(),
+        release=settings.release,
     )
     pb_grpc.add_GreeterServicer_to_server(Greeter(settings.max_name_chars, version), server)
     health_servicer = Health()
@@ -262,6 +263,7 @@ def _serving_fields(settings: config.ServerConfig, tls: TlsFiles) -> dict[str, o
         "mtls": tls.client_ca is not None,
         "version": __version__,
         "commit": settings.revision,
+        "release": settings.release,
         "metrics_port": settings.metrics_port,
     }
 
