@@ -396,12 +396,15 @@ def test_a_host_lost_mid_rollout_stops_it_and_the_switched_hosts_go_back(
     args = ["ansible-playbook", "playbooks/deploy.yml", "-e", f"greeter_version={new}"]
     args += ["-e", '{"greeter_serial": 1}']
     env["ANSIBLE_SSH_CONTROL_PATH_DIR"] = str(tmp_path / "cp")  # no master without those options
-    lines: list[str] = []
+    task = ""  # the task whose results the output shows now
 
     def watch(line: str) -> None:
-        lines.append(line)
-        # greeter-2's batch has begun: greeter-3 goes away before its turn comes.
-        if line.startswith("changed: [greeter-2]") and "Switch current" in "".join(lines[-4:]):
+        nonlocal task
+        if line.startswith("TASK ["):
+            task = line
+        # greeter-2's batch has switched: greeter-3 goes away before its turn comes. (The other
+        # hosts' "skipping" lines and the task timer come between the task and this line.)
+        elif line.startswith("changed: [greeter-2]") and "Switch current" in task:
             subprocess.run(["ip", "link", "set", veth, "down"], check=True)
 
     with watchdog.Watched(args, cwd=REPO, env=env, on_line=watch) as play:
