@@ -54,6 +54,14 @@ def serves(lab: LabSession, *extra: str) -> list[str]:
     return [row["commit"] for row in rows]
 
 
+def served_releases(lab: LabSession, *extra: str) -> list[str]:
+    """The release (<commit>-<config digest>) every host's server reports (GetVersion), as
+    `greeter probe` shows it; fails unless every host passes the probe."""
+    rc, rows = probe(lab, *extra)
+    assert rc == 0, rows
+    return [row["release"] for row in rows]
+
+
 def switched(output: str) -> list[list[str]]:
     """Hosts per batch that ran the switch task, read from the run's output."""
     found, collecting = [], None

@@ -192,17 +192,41 @@ def test_the_history_records_every_activation_rollback_and_revert(fleet: LabSess
         assert re.fullmatch(r"20\d\d-\d\d-\d\dT[0-9:]+Z", entry["time"])
         assert entry["operator"].endswith(f"@{controller}")
         assert re.fullmatch(RELEASE, entry["to"]) and entry["config"] == entry["to"][41:]
-    # Append-only: a rollback adds one line per host and keeps every earlier one.
+    # Append-only: a rollback appends one line on each host it returns and keeps every earlier
+    # line; the line says from which release to which the host went, and how it ended. The lab's
+    # first release is still on the hosts where newer ones did not push it out (greeter-1 switched
+    # in more runs above, so greeter_keep_releases pruned its oldest): those go back to it.
+    commit = lab_commit(fleet)
+    names = [fleet.ssh(host, "ls /opt/greeter/releases").stdout.split() for host in fleet.hosts]
+    back = [i for i in range(3) if any(name.startswith(f"{commit}-") for name in names[i])]
+    assert len(back) >= 2, names
     before = [history(fleet, i) for i in range(3)]
-    fleet.playbook("playbooks/rollback.yml", "-e", f"greeter_rollback_to={lab_commit(fleet)}")
+    was = releases(fleet)
+    limit = ",".join(fleet.hosts[i].name for i in back)
+    fleet.playbook(
+        "playbooks/rollback.yml", "-e", f"greeter_rollback_to={commit}", "--limit", limit
+    )
+    now = releases(fleet)
     for index, earlier in enumerate(before):
         after = history(fleet, index)
         assert after[: len(earlier)] == earlier
-        assert len(after) == len(earlier) + 1 and after[-1]["action"] == "rollback"
+        if index not in back:  # not in the run: nothing changed, nothing recorded
+            assert (after, now[index]) == (earlier, was[index])
+            continue
+        assert now[index][:40] == commit and now[index] != was[index], (now, was)
+        assert len(after) == len(earlier) + 1, after[len(earlier) :]
+        last = after[-1]
+        assert (last["action"], last["from"], last["to"], last["outcome"], last["serving"]) == (
+            "rollback", was[index], now[index], "activated", now[index]
+        ), last  # fmt: skip
+        assert last["config"] == now[index][41:] and last["host"] == f"greeter-{index + 1}"
     logs = text(fleet.playbook("playbooks/logs.yml", "-e", "greeter_history_lines=4"))
-    shown = re.findall(rf"greeter-\d rollback {RELEASE} -> {RELEASE}: activated", logs)
-    assert len(shown) == 3, logs[-3000:]
+    shown = re.findall(rf"(greeter-\d) rollback ({RELEASE}) -> ({RELEASE}): activated", logs)
+    assert sorted(shown) == [(f"greeter-{i + 1}", was[i], now[i]) for i in back], logs[-3000:]
+    # The probe playbook shows each host's release and since when, from its history.
     probe_out = text(fleet.playbook("playbooks/probe.yml"))
-    now = releases(fleet)
     for index in range(3):
-        assert re.search(rf"{now[index]} since 20\d\d-\d\d-\d\dT[0-9:]+Z \(rollback by ", probe_out)
+        how = "rollback" if index in back else "deploy"
+        assert re.search(rf"{now[index]} since 20\d\d-\d\d-\d\dT[0-9:]+Z \({how} by ", probe_out), (
+            probe_out[-3000:]
+        )

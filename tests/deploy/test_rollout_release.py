@@ -24,6 +24,7 @@ from rollout_support import (
     push_commit,
     release,
     releases,
+    served_releases,
     serves,
     switched,
     text,
@@ -97,6 +98,10 @@ def test_a_tls_rolling_upgrade_of_two_hosts_then_a_rerun_changes_nothing_then_ro
     result = deploy(pair, "-e", tls_vars(good), "-e", '{"greeter_serial": 1}')
     assert switched(result.stdout) == [["greeter-1"], ["greeter-2"]]
     assert serves(pair, "--ca", good["ca.pem"]) == [commit] * 2
+    # Same commit, new configuration: a new release, and greeter probe tells which one runs.
+    tls = releases(pair)
+    assert all(new != old and new[:40] == old[:40] for new, old in zip(tls, plaintext, strict=True))
+    assert served_releases(pair, "--ca", good["ca.pem"]) == tls
     assert probe(pair)[0] != 0  # TLS only: a plaintext client gets nothing
     rerun = deploy(pair, "-e", tls_vars(good), "-e", '{"greeter_serial": 1}')
     assert [c["changed"] for c in recap(rerun.stdout).values()] == [0, 0], rerun.stdout
@@ -105,6 +110,7 @@ def test_a_tls_rolling_upgrade_of_two_hosts_then_a_rerun_changes_nothing_then_ro
     pair.playbook("playbooks/rollback.yml")
     assert releases(pair) == plaintext
     assert serves(pair) == [commit] * 2
+    assert served_releases(pair) == plaintext
 
 
 def test_a_new_commit_failing_under_new_config_returns_to_the_old_code_and_old_config(
