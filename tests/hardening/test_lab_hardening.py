@@ -103,9 +103,9 @@ class Host:
         version = f"greeter_version={self.current}"
         return self.playbook("playbooks/deploy.yml", "-e", version, *args, check=check)
 
-    def converge(self, commit: str) -> None:
+    def converge(self, commit: str, *args: str) -> None:
         """Deploy `commit` after a fault has cleared: it must succeed and serve that commit."""
-        self.deploy("-e", f"greeter_version={commit}")
+        self.deploy("-e", f"greeter_version={commit}", *args)
         self.assert_serves(commit)
         self.activated(commit)
 
@@ -515,7 +515,8 @@ def test_apt_source_that_answers_then_stalls_fails_within_the_bound_and_a_rerun_
 ) -> None:
     """Issue 15: apt stuck on its package source must fail the host within greeter_apt_timeout,
     leave nothing running on the host and the release serving; after a run killed on the
-    controller, the rerun against the healthy source converges."""
+    controller, the rerun against the healthy source (breaking the dead run's deploy lock, as
+    the refusal says) converges."""
     host.ssh("sudo apt-get remove --yes --quiet python3-venv")  # so that the deploy runs apt
     version = f"greeter_version={host.current}"
     source = StallingAptSource(host.bridge_address)
@@ -552,8 +553,14 @@ def test_apt_source_that_answers_then_stalls_fails_within_the_bound_and_a_rerun_
     finally:
         host.ssh(f"sudo rm -f {APT_OVERRIDE}")
         source.close()
-    # The rerun waits for the lock that apt holds until its own bound ends it, then converges.
-    host.converge(host.current)
+    # The killed run could not release the fleet's deploy lock: a plain rerun is refused before
+    # it touches the host, naming the holder; told that run is dead, the rerun breaks the lock,
+    # waits for the apt lock that the killed run's apt holds until its own bound ends it, and
+    # converges.
+    refused = host.deploy(check=False)
+    assert refused.returncode != 0
+    assert "Another deploy holds the fleet's lock" in " ".join(output(refused).split())
+    host.converge(host.current, "-e", "greeter_lock_break=true")
     status = host.ssh("dpkg-query -W -f='${Status}' python3-venv").stdout
     assert status == "install ok installed", status
 
