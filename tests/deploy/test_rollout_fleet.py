@@ -1,4 +1,5 @@
-"""Rollout safety on 3 lab hosts: lost hosts, batches, revert, one deploy at a time, history.
+"""Rollout safety on 3 lab hosts: lost and failed hosts, batches, revert, one deploy at a time,
+history.
 
 One lab (``ro-fleet``) shared by these tests in file order, each starting from the fleet the
 previous one left. Each fails on the role before issue 11.
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.lab
 
 # --- lab 2: what a run does to a fleet of 3 -----------------------------------------------------
+
+PREPARED: dict[str, str] = {}  # the commit the preparing tests deploy
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +102,7 @@ def test_a_host_unreachable_while_preparing_stops_every_host_before_any_switch(
 ) -> None:
     before = releases(fleet)
     new = push_commit(fleet, tmp_path, "Upgrade", lambda c: (c / "UPGRADE").write_text("1\n"))
+    PREPARED["commit"] = new  # built on greeter-1 and greeter-2 by this run: the next test's
     link = veth(fleet, 2)
     subprocess.run(["ip", "link", "set", link, "down"], check=True)
     try:
@@ -113,6 +117,38 @@ def test_a_host_unreachable_while_preparing_stops_every_host_before_any_switch(
     assert switched(result.stdout) == []
     assert releases(fleet)[:2] == before[:2]
     time.sleep(2)
+    assert serves(fleet) == [lab_commit(fleet)] * 3
+
+
+# greeter-3's build folder becomes a tmpfs with 16 MiB free: too little for a build.
+FILL = (
+    "set -e; used=$(du -sm /opt/greeter/builds | cut -f1); mkdir -p /mnt/rollout-full; "
+    "mount -t tmpfs -o size=$((used + 16))m,mode=0755 rollout-full /mnt/rollout-full; "
+    "cp -a /opt/greeter/builds/. /mnt/rollout-full/; "
+    "mount --bind /mnt/rollout-full /opt/greeter/builds; umount -l /mnt/rollout-full"
+)
+
+
+def test_a_host_failing_while_preparing_stops_every_host_before_any_switch(
+    fleet: LabSession,
+) -> None:
+    """The commit of the test above is built on greeter-1 and greeter-2, which would switch at
+    once; greeter-3 must build it and fails its free-space check: nobody switches."""
+    before = releases(fleet)
+    fleet.ssh(fleet.hosts[2], f"sudo sh -c '{FILL}'")
+    try:
+        result = deploy(fleet, "-e", f"greeter_version={PREPARED['commit']}", check=False)
+    finally:
+        fleet.ssh(fleet.hosts[2], "sudo umount -l /opt/greeter/builds")
+    out = text(result)
+    assert result.returncode != 0
+    assert re.search(
+        r"greeter-3: failed to prepare \((?:greeter : )?Check the free space for a new release: "
+        r"/opt/greeter/builds has \d+ MiB free",
+        out,
+    ), out[-3000:]
+    assert switched(result.stdout) == []
+    assert releases(fleet) == before
     assert serves(fleet) == [lab_commit(fleet)] * 3
 
 
