@@ -22,19 +22,19 @@ def test_inventory_lists_exactly_this_stacks_running_instances(aws: Aws, stack: 
     inventory = aws.inventory(stack)
 
     running = [f"{stack}-1", f"{stack}-2"]
-    for group in (
-        "greeter_servers",
-        "aws_ec2",
-        "project_greeter",
-        "env_dev",
-        "aws_region_us_east_1",
-    ):
-        assert sorted(inventory[group]["hosts"]) == running, group
+    balancer = f"{stack}-lb"
+    # The backends alone in greeter_servers, the balancer alone in greeter_lb.
+    assert sorted(inventory["greeter_servers"]["hosts"]) == running
+    assert inventory["greeter_lb"]["hosts"] == [balancer]
+    for group in ("aws_ec2", "project_greeter", "env_dev", "aws_region_us_east_1"):
+        assert sorted(inventory[group]["hosts"]) == [*running, balancer], group
     hostvars = inventory["_meta"]["hostvars"]
-    assert sorted(hostvars) == running  # no host of the other stack, none stopped
+    assert sorted(hostvars) == [*running, balancer]  # no host of the other stack, none stopped
     for name in running:
         assert hostvars[name]["ansible_host"] == by_name[name]["PublicIpAddress"]
         assert hostvars[name]["ec2_instance_id"] == by_name[name]["InstanceId"]
+        # The balancer reaches the backends by private address, inside the VPC.
+        assert hostvars[name]["greeter_backend_address"] == by_name[name]["PrivateIpAddress"]
         assert hostvars[name]["ansible_user"] == "ubuntu"
 
 

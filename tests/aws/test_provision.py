@@ -10,6 +10,17 @@ from cfnlint.decode import cfn_yaml
 pytestmark = pytest.mark.aws
 
 
+def ingress_of(group: dict) -> set[tuple]:
+    """(protocol, from, to, source) of every rule; the source is a CIDR or a group id."""
+    rules = set()
+    for rule in group["IpPermissions"]:
+        assert not rule["Ipv6Ranges"], rule
+        ports = (rule["IpProtocol"], rule["FromPort"], rule["ToPort"])
+        rules |= {(*ports, ip_range["CidrIp"]) for ip_range in rule["IpRanges"]}
+        rules |= {(*ports, pair["GroupId"]) for pair in rule["UserIdGroupPairs"]}
+    return rules
+
+
 def test_provision_creates_the_stack_with_every_host_locked_down(aws: Aws, stack: str) -> None:
     result = aws.provision(
         stack,
@@ -23,11 +34,13 @@ def test_provision_creates_the_stack_with_every_host_locked_down(aws: Aws, stack
     assert "Param 'template' is deprecated" not in result.stdout + result.stderr
 
     instances = aws.instances(stack, "running")
-    assert sorted(tags(i)["Name"] for i in instances) == [f"{stack}-1", f"{stack}-2", f"{stack}-3"]
+    by_name = {tags(i)["Name"]: i for i in instances}
+    assert sorted(by_name) == [f"{stack}-1", f"{stack}-2", f"{stack}-3", f"{stack}-lb"]
     for instance in instances:
+        service = "greeter-lb" if tags(instance)["Name"] == f"{stack}-lb" else "greeter"
         assert (
             tags(instance).items()
-            >= {"Project": "shop", "Environment": "staging", "Service": "greeter"}.items()
+            >= {"Project": "shop", "Environment": "staging", "Service": service}.items()
         )
         assert instance["InstanceType"] == "t3.micro"
         # The image came from Canonical's 22.04 parameter as the emulator seeds it.
@@ -40,27 +53,33 @@ def test_provision_creates_the_stack_with_every_host_locked_down(aws: Aws, stack
         ]
         assert (volume["VolumeType"], volume["Encrypted"]) == ("gp3", True)
 
-    (group,) = aws.security_groups(stack)
-    ingress = {
-        (rule["IpProtocol"], rule["FromPort"], rule["ToPort"], ip_range["CidrIp"])
-        for rule in group["IpPermissions"]
-        for ip_range in rule["IpRanges"]
-    }
-    assert ingress == {
+    # Clients reach the balancer; the hosts' gRPC port opens only to the balancer's group and
+    # the admin CIDR (the probe).
+    groups = {tags(g)["Name"]: g for g in aws.security_groups(stack)}
+    assert sorted(groups) == [f"{stack}-lb-sg", f"{stack}-sg"]
+    hosts_group, balancer_group = groups[f"{stack}-sg"], groups[f"{stack}-lb-sg"]
+    assert ingress_of(balancer_group) == {
         ("tcp", 22, 22, ADMIN_CIDR),
         ("tcp", 50051, 50051, CLIENT_CIDR),
+    }
+    assert ingress_of(hosts_group) == {
+        ("tcp", 22, 22, ADMIN_CIDR),
+        ("tcp", 50051, 50051, ADMIN_CIDR),
+        ("tcp", 50051, 50051, balancer_group["GroupId"]),
         ("tcp", 9464, 9464, ADMIN_CIDR),  # metrics: the admin's network only
     }
-    assert all(
-        not rule["Ipv6Ranges"] and not rule["UserIdGroupPairs"] for rule in group["IpPermissions"]
-    )
-
     cloudformation = aws.client("cloudformation")
     (described,) = cloudformation.describe_stacks(StackName=stack)["Stacks"]
     assert described["StackStatus"] == "CREATE_COMPLETE"
     outputs = {output["OutputKey"]: output["OutputValue"] for output in described["Outputs"]}
-    by_name = {tags(i)["Name"]: i for i in instances}
-    expected = {"SecurityGroupId": group["GroupId"]}
+    balancer = by_name[f"{stack}-lb"]
+    expected = {
+        "SecurityGroupId": hosts_group["GroupId"],
+        "BalancerSecurityGroupId": balancer_group["GroupId"],
+        "BalancerId": balancer["InstanceId"],
+        "BalancerPublicIp": balancer["PublicIpAddress"],
+        "BalancerPublicDnsName": balancer["PublicDnsName"],
+    }
     for index in (1, 2, 3):
         instance = by_name[f"{stack}-{index}"]
         expected[f"Instance{index}Id"] = instance["InstanceId"]
@@ -72,9 +91,26 @@ def test_provision_creates_the_stack_with_every_host_locked_down(aws: Aws, stack
     # "optional"), so check the template the stack was really created from.
     body = cloudformation.get_template(StackName=stack)["TemplateBody"]
     resources = cfn_yaml.loads(body)["Resources"]
-    for index in (1, 2, 3):
-        options = resources[f"Instance{index}"]["Properties"]["MetadataOptions"]
+    for resource in ("Instance1", "Instance2", "Instance3", "Balancer"):
+        options = resources[resource]["Properties"]["MetadataOptions"]
         assert options["HttpTokens"] == "required"
+        # moto does not attach the groups either: each instance names its own in the template.
+        group = "BalancerSecurityGroup" if resource == "Balancer" else "SecurityGroup"
+        assert resources[resource]["Properties"]["SecurityGroupIds"] == [
+            {"Fn::GetAtt": [group, "GroupId"]}
+        ]
+
+
+def test_without_the_balancer_clients_call_the_hosts(aws: Aws, stack: str) -> None:
+    result = aws.provision(stack, "greeter_stack_instance_count=2", "greeter_stack_balancer=false")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(tags(i)["Name"] for i in aws.instances(stack, "running")) == [
+        f"{stack}-1",
+        f"{stack}-2",
+    ]
+    (group,) = aws.security_groups(stack)
+    assert ingress_of(group) == {("tcp", 22, 22, ADMIN_CIDR), ("tcp", 50051, 50051, CLIENT_CIDR)}
+    assert aws.inventory(stack).get("greeter_lb", {}).get("hosts", []) == []
 
 
 ADMIN = f"greeter_stack_admin_cidr={ADMIN_CIDR}"
@@ -120,6 +156,16 @@ ADMIN = f"greeter_stack_admin_cidr={ADMIN_CIDR}"
             id="unknown-instance-type",
         ),
         pytest.param(
+            [ADMIN, "greeter_stack_balancer=maybe"],
+            "greeter_stack_balancer",
+            id="balancer-not-a-bool",
+        ),
+        pytest.param(
+            [ADMIN, "greeter_stack_balancer_instance_type=t9.huge"],
+            "value of greeter_stack_balancer_instance_type must be one of: t3.micro",
+            id="unknown-balancer-instance-type",
+        ),
+        pytest.param(
             [ADMIN, "greeter_stack_subnet_id=subnet-0123456789abcdef0"],
             "and then greeter_stack_vpc_id too",
             id="subnet-without-its-vpc",
@@ -153,6 +199,8 @@ def test_the_playbook_checks_what_the_template_allows() -> None:
     assert (
         spec["greeter_stack_instance_type"]["choices"]
         == parameters["InstanceType"]["AllowedValues"]
+        == spec["greeter_stack_balancer_instance_type"]["choices"]
+        == parameters["BalancerInstanceType"]["AllowedValues"]
     )
     checks = provision[0]["tasks"][2]["loop"]
     (count_check,) = [c for c in checks if c["var"] == "greeter_stack_instance_count"]
@@ -161,6 +209,13 @@ def test_the_playbook_checks_what_the_template_allows() -> None:
 
     defaults = yaml.safe_load((REPO / "inventory" / "group_vars" / "all" / "stack.yml").read_text())
     assert defaults["greeter_stack_instance_type"] == parameters["InstanceType"]["Default"]
+    assert (
+        defaults["greeter_stack_balancer_instance_type"]
+        == parameters["BalancerInstanceType"]["Default"]
+    )
+    assert (
+        str(defaults["greeter_stack_balancer"]).lower() == parameters["BalancerEnabled"]["Default"]
+    )
     assert defaults["greeter_stack_grpc_port"] == parameters["GrpcPort"]["Default"]
     assert defaults["greeter_stack_metrics_port"] == parameters["MetricsPort"]["Default"] == 0
     assert defaults["greeter_stack_image_parameter"] == parameters["ImageId"]["Default"]

@@ -33,7 +33,7 @@ def test_teardown_deletes_everything_and_a_rerun_changes_nothing(aws: Aws, stack
         for instance in aws.instances(stack)
         for mapping in instance["BlockDeviceMappings"]
     ]
-    assert len(volumes) == 2
+    assert len(volumes) == 3  # two hosts and the balancer
 
     first = aws.playbook(stack, "teardown.yml", "greeter_teardown_confirm=true")
     assert first.returncode == 0, first.stdout + first.stderr
@@ -60,7 +60,7 @@ def test_teardown_without_confirmation_or_terminal_deletes_nothing(aws: Aws, sta
     assert result.returncode == 2, result.stdout + result.stderr
     assert "Not confirmed: nothing was deleted" in result.stdout
     assert [s["StackStatus"] for s in aws.live_stacks(stack)] == ["CREATE_COMPLETE"]
-    assert len(aws.instances(stack, "running")) == 1
+    assert len(aws.instances(stack, "running")) == 2  # the host and the balancer
 
 
 def descendants(pid: int) -> list[int]:
