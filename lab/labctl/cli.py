@@ -58,7 +58,7 @@ from .services import refresh_mirror, start_services
 from .state import Host, Lab, alive, lab_lock, spawn, stop, terminate
 
 
-def new_lab(name: str, count: int) -> Lab:
+def new_lab(name: str, count: int, balancer: bool) -> Lab:
     subnet = choose_subnet(name)
     sid = short_id(name)
     addresses = list(subnet.hosts())
@@ -81,6 +81,15 @@ def new_lab(name: str, count: int) -> Lab:
         )
         for i in range(count)
     ]
+    # The stack's balancer instance (<stack>-lb), just below the backends' addresses.
+    front = Host(
+        index=count,
+        name=f"{stack}-lb",
+        address=str(addresses[9]),
+        netns=f"gl-{sid}-lb",
+        veth=f"gl-{sid}-lb",
+        machine=f"gl-{sid}-lb",
+    )
     return Lab(
         name=name,
         subnet=str(subnet),
@@ -89,33 +98,35 @@ def new_lab(name: str, count: int) -> Lab:
         emulator_port=choose_port(name),
         stack=stack,
         hosts=hosts,
+        balancer=front if balancer else None,
     )
 
 
 def is_up(lab: Lab) -> bool:
-    return all(alive(lab.processes.get(f"host-{h.index}")) for h in lab.hosts) and all(
+    return all(alive(lab.processes.get(f"host-{h.index}")) for h in lab.machines) and all(
         alive(lab.processes.get(role)) for role in ("emulator", "apt", "git", "wheels")
     )
 
 
-def cmd_up(count: int) -> None:
+def cmd_up(count: int, balancer: bool = False) -> None:
     name = lab_name()
     if os.geteuid() != 0:
         raise LabError("the lab needs root (network namespaces, mounts, systemd-nspawn)")
     run(HOST_DEPS)
     started = time.monotonic()
     lab = Lab.load(name)
-    if lab is not None and len(lab.hosts) == count and is_up(lab):
+    same = lab is not None and len(lab.hosts) == count and (lab.balancer is not None) == balancer
+    if lab is not None and same and is_up(lab):
         refresh_mirror(lab)
         write_inventory(lab)
         wait_ssh(lab)
         log(f"lab {name} is already up ({count} hosts); mirror now at {lab.commit[:12]}")
         return
     if lab is not None:
-        log(f"lab {name} is up with {len(lab.hosts)} hosts or only partly; taking it down first")
+        log(f"lab {name} is up with other hosts or only partly; taking it down first")
         cmd_down()
     image = ensure_image()
-    lab = new_lab(name, count)
+    lab = new_lab(name, count, balancer)
     lab.image = str(image)
     lab.state.mkdir(parents=True, exist_ok=True)
     lab.save()
@@ -126,7 +137,7 @@ def cmd_up(count: int) -> None:
         (lab.state / "ssh" / "known_hosts").touch()
         make_network(lab)
         mount_host_tmpfs(lab)
-        for host in lab.hosts:
+        for host in lab.machines:
             check_route(host.address, lab.bridge)
             make_host_network(lab, host)
             prepare_root(lab, host, image)
@@ -147,7 +158,7 @@ def cmd_up(count: int) -> None:
         log(f"up failed; see {lab.state}/logs and {lab.state}/hosts, then run `lab/lab down`")
         raise
     log(
-        f"lab {name} up: {count} hosts SSH-ready {time.monotonic() - booted:.1f}s after the image "
+        f"lab {name} up: {len(lab.machines)} hosts SSH-ready {time.monotonic() - booted:.1f}s after the image "
         f'was ready ({time.monotonic() - started:.1f}s in all); `eval "$(lab/lab env)"` to use it'
     )
 
@@ -186,13 +197,13 @@ def cmd_down() -> None:
     terminate(services)  # they stop while the hosts power off
     hosts = [r for role, r in lab.processes.items() if role.startswith("host-")]
     stop(hosts, HOST_STOP_TIMEOUT)
-    for host in lab.hosts:  # anything left in a host's cgroups was started by that host
+    for host in lab.machines:  # anything left in a host's cgroups was started by that host
         cgroup = cgroup_name(lab, host)
         for pid in cgroup_pids(cgroup):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     stop(services)
-    for host in lab.hosts:
+    for host in lab.machines:
         root = host_dir(lab, host) / "root"
         if os.path.ismount(root):
             # nspawn's lock for the root directory outlives it; it is named after the mount.
@@ -232,7 +243,7 @@ def cmd_status() -> int:
     )
     for role in ("emulator", "apt", "git", "wheels"):
         print(f"  {role:<9} {'running' if alive(lab.processes.get(role)) else 'STOPPED'}")
-    for host in lab.hosts:
+    for host in lab.machines:
         state = "running" if alive(lab.processes.get(f"host-{host.index}")) else "STOPPED"
         print(f"  {host.name:<12} {host.address:<15} {state}")
     return 0 if is_up(lab) else 1
@@ -250,14 +261,15 @@ def cmd_ssh(target: str, command: list[str]) -> None:
     lab = Lab.load(lab_name())
     if lab is None:
         raise LabError(f"lab {lab_name()} is not up")
-    for host in lab.hosts:
+    for host in lab.machines:
         if target in (host.name, host.address, str(host.index + 1)):
             check_route(host.address, lab.bridge)
             # One shared connection per host makes repeated `lab ssh` calls cheap; `down` ends it.
             mux = ["-o", "ControlMaster=auto", "-o", f"ControlPath={lab.state / 'ssh' / 'cm-%C'}"]
             argv = [*ssh_command(lab, host), *mux, "-o", "ControlPersist=60", *command]
             os.execvp(argv[0], argv)  # noqa: S606 - the user's interactive session
-    raise LabError(f"no host {target!r} in lab {lab.name}: {', '.join(h.name for h in lab.hosts)}")
+    names = ", ".join(h.name for h in lab.machines)
+    raise LabError(f"no host {target!r} in lab {lab.name}: {names}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start N hosts (default 3) and the lab's services")
     up.add_argument("count", nargs="?", type=int, default=3)
+    up.add_argument(
+        "--balancer", action="store_true", help="and a host for the stack's balancer, <stack>-lb"
+    )
     sub.add_parser("down", help="stop everything the lab started and remove its state")
     sub.add_parser("status", help="show the lab's hosts and services")
     sub.add_parser("env", help="print the `export` lines of the lab environment")
@@ -278,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "up":
             with lab_lock():
-                cmd_up(args.count)
+                cmd_up(args.count, args.balancer)
         elif args.command == "down":
             with lab_lock():
                 cmd_down()

@@ -140,7 +140,7 @@ def run_host(name: str, index: int) -> int:
     lab = Lab.load(name)
     if lab is None:
         raise LabError(f"lab {name} has no state")
-    host = lab.hosts[index]
+    host = next(h for h in lab.machines if h.index == index)
     join_cgroups(cgroup_name(lab, host))
     env = dict(os.environ, SYSTEMD_NSPAWN_API_VFS_WRITABLE="network")
     stopping = False
@@ -165,9 +165,9 @@ def run_host(name: str, index: int) -> int:
 
 def wait_ssh(lab: Lab, timeout: float | None = None) -> None:
     # Hosts boot in parallel but share two cores: allow more time for bigger labs.
-    timeout = timeout if timeout is not None else 60.0 + 10.0 * len(lab.hosts)
+    timeout = timeout if timeout is not None else 60.0 + 10.0 * len(lab.machines)
     deadline = time.monotonic() + timeout
-    pending = {h.name: h for h in lab.hosts}
+    pending = {h.name: h for h in lab.machines}
     while pending:
         for host in list(pending.values()):
             check_route(host.address, lab.bridge)

@@ -25,6 +25,8 @@ INVENTORY_ALL = """\
 greeter_stack_name: {stack}
 greeter_stack_region: {region}
 greeter_stack_instance_count: {count}
+# The stack's balancer instance exists when the lab has a host for it (`lab/lab up --balancer`).
+greeter_stack_balancer: {balancer}
 greeter_stack_key_name: lab-{name}
 greeter_stack_admin_cidr: {subnet}
 greeter_stack_client_cidr: {subnet}
@@ -35,8 +37,10 @@ greeter_version: {commit}
 
 INVENTORY_HOST = """\
 ---
-# Written by lab/lab up: instance {name} is backed by a lab host.
+# Written by lab/lab up: instance {name} is backed by a lab host, which the balancer reaches
+# at the same address.
 ansible_host: {address}
+greeter_backend_address: {address}
 """
 
 
@@ -51,13 +55,14 @@ def write_inventory(lab: Lab) -> None:
             stack=lab.stack,
             region=REGION,
             count=len(lab.hosts),
+            balancer=str(lab.balancer is not None).lower(),
             name=lab.name,
             subnet=lab.subnet,
             bridge=lab.bridge_address,
             commit=lab.commit,
         )
     )
-    for host in lab.hosts:
+    for host in lab.machines:
         check_route(host.address, lab.bridge)
         (inv / "host_vars" / f"{host.name}.yml").write_text(
             INVENTORY_HOST.format(name=host.name, address=host.address)

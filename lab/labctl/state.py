@@ -40,8 +40,14 @@ class Lab:
     image: str = ""
     commit: str = ""
     stack: str = STACK  # GREETER_STACK_NAME at `up`: the stack the lab's hosts stand in for
-    hosts: list[Host] = field(default_factory=list)
+    hosts: list[Host] = field(default_factory=list)  # the backends, <stack>-1 .. <stack>-N
+    balancer: Host | None = None  # the stack's balancer instance <stack>-lb (`up --balancer`)
     processes: dict[str, list[int]] = field(default_factory=dict)  # role -> [pid, start time]
+
+    @property
+    def machines(self) -> list[Host]:
+        """Every host the lab runs: the backends, then the balancer."""
+        return [*self.hosts, *([self.balancer] if self.balancer else [])]
 
     @property
     def state(self) -> Path:
@@ -60,6 +66,7 @@ class Lab:
             return None
         data = json.loads(path.read_text())
         data["hosts"] = [Host(**h) for h in data["hosts"]]
+        data["balancer"] = Host(**data["balancer"]) if data.get("balancer") else None
         return cls(**data)
 
 

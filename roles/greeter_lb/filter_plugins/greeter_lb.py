@@ -1,0 +1,73 @@
+"""Filters of the greeter_lb role."""
+
+from __future__ import annotations
+
+import struct
+
+# HTTP/2 frame types and flags (RFC 9113).
+DATA, HEADERS, SETTINGS = 0x0, 0x1, 0x4
+END_STREAM, END_HEADERS = 0x1, 0x4
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return (
+        struct.pack(">I", len(payload))[1:]
+        + bytes([kind, flags])
+        + struct.pack(">I", stream)
+        + payload
+    )
+
+
+def _string(value: str) -> bytes:
+    """An HPACK string literal without Huffman coding (all our values are under 127 bytes)."""
+    raw = value.encode()
+    return bytes([len(raw)]) + raw
+
+
+def greeter_lb_grpc_health_check(service: str, authority: str = "greeter-lb") -> str:
+    """Hex of a whole gRPC health check on a fresh cleartext HTTP/2 connection, for tcp-check.
+
+    The client preface, an empty SETTINGS, then one stream: HEADERS for
+    POST /grpc.health.v1.Health/Check and DATA carrying HealthCheckRequest{service} with
+    END_STREAM. HPACK without Huffman or indexing, so the bytes read as what they say. gRPC needs
+    :authority (grpc-core cancels a stream without it) and te: trailers.
+    """
+    headers = (
+        b"\x83"  # :method POST (static index 3)
+        + b"\x86"  # :scheme http (static index 6)
+        + b"\x04" + _string("/grpc.health.v1.Health/Check")  # :path, literal, name index 4
+        + b"\x01" + _string(authority)  # :authority, literal, name index 1
+        + b"\x0f\x10" + _string("application/grpc")  # content-type, name index 31
+        + b"\x00" + _string("te") + _string("trailers")  # te: trailers, literal name
+    )  # fmt: skip
+    name = service.encode()
+    request = b"\x0a" + bytes([len(name)]) + name  # HealthCheckRequest field 1 (service)
+    message = b"\x00" + struct.pack(">I", len(request)) + request  # gRPC frame, not compressed
+    wire = (
+        PREFACE
+        + _frame(SETTINGS, 0, 0, b"")
+        + _frame(HEADERS, END_HEADERS, 1, headers)
+        + _frame(DATA, END_STREAM, 1, message)
+    )
+    return wire.hex()
+
+
+def greeter_lb_drift(wanted: dict[str, dict], actual: dict[str, dict]) -> list[str]:
+    """Paths whose actual state (greeter_lb_info's ``files``) differs from the wanted one in any
+    key the wanted state names; a path the state read did not cover counts as drifted."""
+    return [
+        path
+        for path, want in wanted.items()
+        if any(str(actual.get(path, {}).get(key)) != str(value) for key, value in want.items())
+    ]
+
+
+class FilterModule:
+    """Ansible's entry point for filter plugins."""
+
+    def filters(self) -> dict:
+        return {
+            "greeter_lb_grpc_health_check": greeter_lb_grpc_health_check,
+            "greeter_lb_drift": greeter_lb_drift,
+        }
