@@ -175,6 +175,34 @@ def test_probe_fails_a_target_running_another_commit(server):
     assert "expected deadbeef" in answer["error"]
 
 
+def test_probe_shows_the_front_door_first_and_each_backends_state_at_the_balancer(server):
+    # The same server stands in for the balancer and for a backend: only the columns matter here.
+    up = run_client(
+        "probe", server.target, "--balancer", server.target,
+        "--backend-state", f"{server.target}=UP",
+    )  # fmt: skip
+    assert up.returncode == 0, up.stdout
+    header, front, backend = up.stdout.splitlines()
+    assert header.split()[-2:] == ["BALANCER", "ERROR"]
+    assert front.split()[:2] == [server.target, "yes"]
+    assert front.split()[-1] == "front-door"
+    assert backend.split()[-1] == "UP"
+
+    drained = run_client(
+        "probe", server.target, "--balancer", server.target, "--json",
+        "--backend-state", f"{server.target}=drain",
+    )  # fmt: skip
+    assert drained.returncode == 4
+    front, backend = json.loads(drained.stdout)
+    assert (front["ok"], front["balancer"]) == (True, "front-door")
+    assert (backend["ok"], backend["balancer"]) == (False, "DRAIN")
+    assert backend["error"] == "DRAIN at the balancer"
+
+    bad = run_client("probe", server.target, "--backend-state", f"{server.target}=SLEEPY")
+    assert bad.returncode == 2
+    assert "expected TARGET=UP|DOWN|DRAIN|MAINT" in bad.stderr
+
+
 def test_probe_exits_3_when_no_target_is_reachable():
     result = run_client("probe", dead_target(), dead_target(), "--json", "--deadline", "3")
     assert result.returncode == 3

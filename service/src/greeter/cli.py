@@ -107,6 +107,17 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--publish-region", metavar="REGION", help="CloudWatch region (default: AWS's own)"
     )
+    check.add_argument(
+        "--balancer", type=target, metavar="TARGET", help="the front door: probed first, marked so"
+    )
+    check.add_argument(
+        "--backend-state",
+        type=backend_state,
+        action="append",
+        default=[],
+        metavar="TARGET=STATE",
+        help="a target's state at the balancer (UP, DOWN, DRAIN, MAINT); not UP fails its row",
+    )
 
     load = commands.add_parser(
         "bench", parents=[tls], help="load test: keep -c calls in flight, report like ghz"
@@ -125,6 +136,14 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument("--deadline", type=duration, default=20.0, help="per call (default 20 s)")
     load.add_argument("--json", action="store_true", help="the report as JSON")
     return parser
+
+
+def backend_state(text: str) -> tuple[str, str]:
+    """TARGET=STATE, the target normalised as probe prints it."""
+    where, sep, state = text.rpartition("=")
+    if not sep or state.upper() not in ("UP", "DOWN", "DRAIN", "MAINT"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected TARGET=UP|DOWN|DRAIN|MAINT")
+    return str(target(where)), state.upper()
 
 
 def _tls(args: argparse.Namespace) -> Tls:
@@ -146,7 +165,13 @@ def cmd_hello(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    results = probe.probe_all(args.targets, _tls(args), args.deadline, args.expect_commit)
+    front = [args.balancer] if args.balancer else []
+    results = probe.probe_all(
+        [*front, *args.targets], _tls(args), args.deadline, args.expect_commit
+    )
+    if args.balancer or args.backend_state:
+        states = dict(args.backend_state)
+        results = probe.with_balancer(results[0] if front else None, results[len(front) :], states)
     if args.json:
         print(json.dumps([vars(result) for result in results], indent=2, ensure_ascii=False))
     else:
@@ -155,7 +180,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
         from greeter import fleetmetrics  # noqa: PLC0415 -- boto3 only when publishing
 
         try:
-            fleetmetrics.publish(results, args.publish_stack, args.publish_region)
+            hosts = [r for r in results if r.balancer != probe.FRONT_DOOR]  # HealthyHosts: hosts
+            fleetmetrics.publish(hosts, args.publish_stack, args.publish_region)
         except Exception as error:  # any boto3 failure (credentials, endpoint, API): say it
             print(f"greeter: cannot publish to CloudWatch: {error}", file=sys.stderr)
             return EXIT_PUBLISH

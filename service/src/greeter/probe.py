@@ -38,6 +38,9 @@ class ProbeResult:
     hostname: str = ""
     pid: int | None = None
     error: str = ""
+    # The front door's row says "front-door"; a backend's row its state at the balancer
+    # (UP, DOWN, DRAIN, MAINT); empty without a balancer.
+    balancer: str = ""
 
 
 def failed_to_connect(channel: grpc.Channel, error: grpc.RpcError) -> bool:
@@ -125,6 +128,31 @@ def probe_all(
         return [job.result() for job in jobs]
 
 
+FRONT_DOOR = "front-door"
+
+
+def with_balancer(
+    front: ProbeResult | None, backends: Sequence[ProbeResult], states: dict[str, str]
+) -> list[ProbeResult]:
+    """The front door's row first, then the backends, each with its state at the balancer.
+
+    A backend the balancer does not send calls to (DOWN, DRAIN, MAINT, or not listed) fails its
+    row even if it serves: clients of the front door do not reach it.
+    """
+    rows = []
+    if front is not None:
+        front.balancer = FRONT_DOOR
+        rows.append(front)
+    for result in backends:
+        if states:
+            result.balancer = states.get(result.target, "ABSENT")
+            if result.balancer != "UP":
+                result.ok = False
+                result.error = result.error or f"{result.balancer} at the balancer"
+        rows.append(result)
+    return rows
+
+
 def exit_code(results: Sequence[ProbeResult]) -> int:
     """0 if every target passed, 3 if no target could be reached at all, else 4."""
     if all(result.ok for result in results):
@@ -148,6 +176,9 @@ def format_table(results: Sequence[ProbeResult]) -> str:
         "TARGET", "OK", "HEALTH", "LATENCY", "VERSION", "COMMIT", "CONFIG", "HOSTNAME", "PID",
         "ERROR",
     )  # fmt: skip
+    balanced = any(r.balancer for r in results)
+    if balanced:
+        header = (*header[:-1], "BALANCER", header[-1])
     rows = [header]
     for r in results:
         latency = f"{r.latency_ms:.2f} ms" if r.latency_ms is not None else "-"
@@ -162,6 +193,7 @@ def format_table(results: Sequence[ProbeResult]) -> str:
                 config_digest(r.release) or "-",
                 r.hostname or "-",
                 str(r.pid) if r.pid else "-",
+                *([r.balancer or "-"] if balanced else []),
                 r.error,
             )
         )
