@@ -11,6 +11,8 @@ SSM parameter. moto ships no ``/aws/service/canonical/...`` parameters, refuses 
 on ``/aws/...`` names, and resolves the Default even when a value is passed, so every stack create
 fails until the parameter exists. Running the server in this process lets us add the parameters
 straight to moto's SSM backend. ``POST /moto-api/reset`` wipes them: restart instead of resetting.
+In the same process, a stack update is taught to follow Conditions (follow_conditions_on_update),
+so raising InstanceCount adds hosts as it does on AWS.
 
 ``--port 0`` picks a free port; the ready file and the ready line carry the endpoint URL.
 """
@@ -49,6 +51,39 @@ UBUNTU_IMAGE_PARAMETERS = {
 }
 
 READY_TIMEOUT_SECONDS = 30.0
+
+
+def follow_conditions_on_update() -> None:
+    """Make moto's stack update create and delete resources whose Condition changed.
+
+    moto compares resource definitions only, so raising InstanceCount (or turning the balancer
+    on) creates nothing and lowering it deletes nothing, where CloudFormation does both. After
+    moto's own update, create each resource whose condition now holds and that does not exist
+    (tagged like moto tags what a create makes: the inventory finds instances by those tags),
+    and delete each whose condition no longer holds.
+    """
+    from moto.cloudformation.parsing import ResourceMap  # noqa: PLC0415 - late import, see main()
+    from moto.ec2 import models as ec2_models  # noqa: PLC0415
+    from moto.ec2.models.core import TaggedEC2Resource  # noqa: PLC0415
+
+    moto_update = ResourceMap.update
+
+    def update(self: ResourceMap, template: dict, parameters: dict | None = None) -> None:
+        moto_update(self, template, parameters)
+        for name, resource in template["Resources"].items():
+            condition = resource.get("Condition")
+            wanted = not condition or bool(self.lazy_condition_map[condition])
+            made = self._parsed_resources.get(name) is not None
+            if wanted and not made:
+                instance = self[name]
+                if isinstance(instance, TaggedEC2Resource):
+                    tags = dict(self.tags, **{"aws:cloudformation:logical-id": name})
+                    backend = ec2_models.ec2_backends[self._account_id][self._region_name]
+                    backend.create_tags([instance.physical_resource_id], tags)
+            elif made and not wanted:
+                self._delete_resource(self._parsed_resources.pop(name), resource)
+
+    ResourceMap.update = update
 
 
 def loopback_host(value: str) -> str:
@@ -156,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, lambda *_: stop.set())
 
     seed_image_parameters()
+    follow_conditions_on_update()
     server = ThreadedMotoServer(ip_address=args.host, port=args.port, verbose=False)
     try:
         server.start()

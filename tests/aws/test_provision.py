@@ -101,7 +101,9 @@ def test_provision_creates_the_stack_with_every_host_locked_down(aws: Aws, stack
         ]
 
 
-def test_without_the_balancer_clients_call_the_hosts(aws: Aws, stack: str) -> None:
+def test_without_the_balancer_clients_call_the_hosts_and_an_update_adds_it(
+    aws: Aws, stack: str
+) -> None:
     result = aws.provision(stack, "greeter_stack_instance_count=2", "greeter_stack_balancer=false")
     assert result.returncode == 0, result.stdout + result.stderr
     assert sorted(tags(i)["Name"] for i in aws.instances(stack, "running")) == [
@@ -111,6 +113,25 @@ def test_without_the_balancer_clients_call_the_hosts(aws: Aws, stack: str) -> No
     (group,) = aws.security_groups(stack)
     assert ingress_of(group) == {("tcp", 22, 22, ADMIN_CIDR), ("tcp", 50051, 50051, CLIENT_CIDR)}
     assert aws.inventory(stack).get("greeter_lb", {}).get("hosts", []) == []
+
+    # Turned on later, with one more host: the stack gains both (the emulator follows the
+    # Conditions on update as CloudFormation does), and the hosts open to the balancer.
+    result = aws.provision(stack, "greeter_stack_instance_count=3")
+    assert result.returncode == 0, result.stdout + result.stderr
+    inventory = aws.inventory(stack)
+    assert inventory["greeter_lb"]["hosts"] == [f"{stack}-lb"]
+    assert sorted(inventory["greeter_servers"]["hosts"]) == [f"{stack}-{i}" for i in (1, 2, 3)]
+    # (moto leaves an updated group's inline rules as they were; the rules with a balancer are
+    # checked on a created stack above.)
+    groups = {tags(g)["Name"]: g for g in aws.security_groups(stack)}
+    assert ("tcp", 50051, 50051, groups[f"{stack}-lb-sg"]["GroupId"]) in ingress_of(
+        groups[f"{stack}-sg"]
+    )
+
+    # And a host fewer: it leaves the stack and the inventory.
+    result = aws.provision(stack, "greeter_stack_instance_count=2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(aws.inventory(stack)["greeter_servers"]["hosts"]) == [f"{stack}-1", f"{stack}-2"]
 
 
 ADMIN = f"greeter_stack_admin_cidr={ADMIN_CIDR}"
