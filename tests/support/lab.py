@@ -49,6 +49,7 @@ class LabSession:
     bridge: str
     bridge_address: str
     commit: str = ""  # the commit `lab/lab up` put on the mirror's main and in the inventory
+    balancer: LabHost | None = None  # the host standing in for the stack's balancer, greeter-lb
 
     @property
     def git_mirror(self) -> Path:
@@ -113,6 +114,9 @@ def attach_lab(name: str) -> LabSession:
         bridge=saved["bridge"],
         bridge_address=saved["bridge_address"],
         commit=saved.get("commit", ""),
+        balancer=LabHost(b["name"], b["address"], b.get("veth", ""))
+        if (b := saved.get("balancer"))
+        else None,
     )
 
 

@@ -1,0 +1,307 @@
+"""The front door on lab hosts: one balancer (HAProxy, roles/greeter_lb) in front of the fleet.
+
+One lab (3 backends + the balancer host, LAB_NAME ``front``) shared by every test in file
+order, as an operator meets them: the first site.yml runs with two hosts in the stack, the next
+adds the third. Clients here are plain: ONE channel to the balancer, retries disabled
+(tests/frontdoor/plain_client.py), and h2load as an independent HTTP/2 client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+from support.ansible import recap
+
+if TYPE_CHECKING:
+    from support.lab import LabSession
+
+pytestmark = pytest.mark.lab
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from bench.service import REQUEST, BenchError, parse_h2load  # noqa: E402
+
+LAB_NAME = os.environ.get("LAB_FRONTDOOR_NAME", "front")
+PLAIN_CLIENT = Path(__file__).with_name("plain_client.py")
+IN_FLIGHT = 24  # calls the plain client keeps in flight on its one channel
+BACKENDS = ["greeter-1", "greeter-2", "greeter-3"]
+
+# Runs on the balancer host: the wall-clock time a server leaves UP at the balancer.
+LEAVES_ROTATION = """
+import csv, io, socket, sys, time
+def state():
+    s = socket.socket(socket.AF_UNIX); s.connect('/run/haproxy/admin.sock')
+    s.sendall(b'show stat\\n'); text = s.makefile().read().lstrip('# ')
+    return {r['svname']: r['status'] for r in csv.DictReader(io.StringIO(text))}
+print('watching', flush=True)
+deadline = time.time() + 60
+while time.time() < deadline:
+    if not state()[sys.argv[1]].startswith('UP'):
+        print(time.time(), flush=True); break
+    time.sleep(0.05)
+"""
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def front(lab: LabSession) -> str:
+    assert lab.balancer is not None, "lab/lab up gives every lab a balancer host"
+    return f"{lab.balancer.address}:50051"
+
+
+def at_balancer(lab: LabSession) -> dict[str, dict]:
+    """Every backend's state and counters at the balancer, read on the balancer host."""
+    code = (
+        "import csv, io, json, socket; s = socket.socket(socket.AF_UNIX); "
+        "s.connect('/run/haproxy/admin.sock'); s.sendall(b'show stat\\n'); "
+        "rows = csv.DictReader(io.StringIO(s.makefile().read().lstrip('# '))); "
+        "print(json.dumps({r['svname']: r for r in rows if r['pxname'] == 'greeter' "
+        "and r['svname'] != 'BACKEND'}))"
+    )
+    out = lab.ssh(lab.balancer.name, f"sudo python3 -c {shlex.quote(code)}").stdout
+    return json.loads(out)
+
+
+def wait_all_up(lab: LabSession, names: list[str], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        states = {n: s["status"] for n, s in at_balancer(lab).items()}
+        if sorted(states) == names and all(v.startswith("UP") for v in states.values()):
+            return
+        assert time.monotonic() < deadline, states
+        time.sleep(0.5)
+
+
+class PlainClient:
+    """tests/frontdoor/plain_client.py in the background until the block ends."""
+
+    def __init__(self, lab: LabSession) -> None:
+        self.argv = [sys.executable, str(PLAIN_CLIENT), front(lab), str(IN_FLIGHT)]
+        self.env = lab.env
+        self.report: dict = {}
+
+    def __enter__(self) -> PlainClient:
+        self.process = subprocess.Popen(
+            self.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        out, err = self.process.communicate(timeout=60)
+        assert self.process.returncode == 0, err
+        self.report = json.loads(out)
+
+    @property
+    def failures(self) -> list[list]:
+        return self.report["failures"]
+
+
+def push_commit(lab: LabSession, tmp: Path, message: str) -> str:
+    """A new commit on top of the mirror's main (a marker file), pushed as a branch."""
+    clone = tmp / f"clone-{time.monotonic_ns()}"
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    subprocess.run([*git, "clone", "--quiet", str(lab.git_mirror), str(clone)], check=True)
+    (clone / "UPGRADE").write_text(f"{message}\n")
+    subprocess.run([*git, "-C", str(clone), "add", "-A"], check=True)
+    subprocess.run([*git, "-C", str(clone), "commit", "--quiet", "-m", message], check=True)
+    sha = subprocess.run(
+        ["git", "-C", str(clone), "rev-parse", "HEAD"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    subprocess.run(
+        ["git", "-C", str(clone), "push", "--quiet", "origin", f"HEAD:refs/heads/test/{sha[:12]}"],
+        check=True,
+    )
+    return sha
+
+
+# --- the shared fleet ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fleet(extra_lab: Callable[[str, int], LabSession]) -> Iterator[LabSession]:
+    """Three lab backends and the balancer host; the stack starts with two backends."""
+    yield extra_lab(LAB_NAME, 3)
+
+
+# --- the tests, in order -------------------------------------------------------------------------
+
+
+def test_site_puts_a_front_door_before_the_fleet(fleet: LabSession) -> None:
+    result = fleet.playbook("site.yml", "-e", "greeter_stack_instance_count=2")
+    table = result.stdout
+    # The probe's table: the front door first, each host UP at the balancer.
+    assert re.search(rf"{re.escape(front(fleet))}\s+yes\s+SERVING.*front-door", table), table
+    for host in fleet.hosts[:2]:
+        assert re.search(rf"{re.escape(host.address)}:50051\s+yes\s+SERVING.*\sUP", table), table
+    assert sorted(at_balancer(fleet)) == BACKENDS[:2]
+    hello = fleet.run("greeter", "hello", fleet.balancer.address, "Teste")
+    assert hello.stdout.strip() == "Olá, Teste!"
+
+
+def test_a_host_added_to_the_stack_joins_the_rotation_on_the_next_run(fleet: LabSession) -> None:
+    fleet.playbook("site.yml")  # the lab's inventory says 3 hosts
+    wait_all_up(fleet, BACKENDS)
+
+
+def test_a_rerun_changes_nothing_on_the_hosts_or_the_balancer(fleet: LabSession) -> None:
+    started = time.monotonic()
+    result = fleet.playbook("site.yml")
+    print(f"\n[frontdoor timing] no-op site.yml: {time.monotonic() - started:.1f} s", flush=True)
+    counters = recap(result.stdout)
+    for name in [*BACKENDS, "greeter-lb"]:
+        assert counters[name]["changed"] == 0, (name, result.stdout[-4000:])
+    assert "at the balancer" not in result.stdout  # no hook ran: nobody was drained
+
+
+def test_one_channel_spreads_calls_over_every_backend(fleet: LabSession) -> None:
+    done = fleet.run(sys.executable, str(PLAIN_CLIENT), front(fleet), "24", "--calls", "3000")
+    report = json.loads(done.stdout)
+    assert report["failures"] == [] and report["ok"] == 3000, report
+    shares = {host: n / 3000 for host, n in report["answered"].items()}
+    print(f"\n[frontdoor] share of 3000 calls on one channel: {shares}", flush=True)
+    assert sorted(shares) == BACKENDS
+    assert all(0.25 <= share <= 0.42 for share in shares.values()), shares
+
+
+def test_a_rolling_upgrade_fails_no_call_of_a_plain_client_or_h2load(
+    fleet: LabSession, tmp_path: Path
+) -> None:
+    new = push_commit(fleet, tmp_path, "front door upgrade")
+    with PlainClient(fleet) as plain, H2load(fleet, tmp_path) as h2load:
+        time.sleep(2)
+        started = time.monotonic()
+        result = fleet.playbook(
+            "playbooks/deploy.yml", "-e", f"greeter_version={new}", "-e", '{"greeter_serial": [1]}'
+        )
+        upgraded = time.monotonic() - started
+        time.sleep(2)
+    print(f"\n[frontdoor timing] rolling upgrade of 3 hosts: {upgraded:.1f} s", flush=True)
+    counters = recap(result.stdout)
+    for name in BACKENDS:
+        assert counters[name]["failed"] == 0
+        assert f"[{name} -> greeter-lb" in result.stdout  # drained and put back at the balancer
+    calls = plain.report["ok"] + len(plain.failures)
+    print(f"[frontdoor] plain client: {calls} calls, {len(plain.failures)} failed", flush=True)
+    assert plain.failures == [], plain.failures[:10]
+    assert plain.report["ok"] > 500
+    print(f"[frontdoor] h2load: {h2load.calls} calls in {len(h2load.runs)} runs", flush=True)
+    assert h2load.problems == [], h2load.problems
+    assert h2load.calls > 500
+    rc, rows = probe_rows(fleet)
+    assert rc == 0, rows
+    assert {row["commit"] for row in rows} == {new}
+
+
+class H2load:
+    """h2load (1 connection, 20 streams) against the front door in back-to-back 4 s runs.
+
+    Each run must pass bench's check: no call failed, and every counted call carried one
+    response message (a gRPC error is an HTTP 200 without one), i.e. grpc-status 0.
+    """
+
+    def __init__(self, lab: LabSession, tmp: Path) -> None:
+        self.url = f"http://{front(lab)}/hello.Greeter/SayHello"
+        self.body, self.log = tmp / "request.grpc", tmp / "h2load.tsv"
+        self.body.write_bytes(REQUEST)
+        self.runs: list[dict] = []
+        self.problems: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.log.unlink(missing_ok=True)
+            done = subprocess.run(
+                ["h2load", "-D", "4s", "-c", "1", "-m", "20",
+                 "-H", "content-type: application/grpc", "-H", "te: trailers",
+                 "-d", str(self.body), f"--log-file={self.log}", self.url],
+                capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+            try:
+                lines = self.log.read_text().splitlines() if self.log.exists() else []
+                self.runs.append(parse_h2load(done.stdout, lines, 4.0))
+            except BenchError as error:
+                self.problems.append(str(error))
+
+    def __enter__(self) -> H2load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+    @property
+    def calls(self) -> int:
+        return sum(run["calls"] for run in self.runs)
+
+
+def probe_rows(lab: LabSession) -> tuple[int, list[dict]]:
+    targets = [f"{host.address}:50051" for host in lab.hosts]
+    result = lab.run("greeter", "probe", *targets, "--balancer", front(lab), "--json", check=False)
+    return result.returncode, json.loads(result.stdout or "[]")
+
+
+def leaves_rotation(lab: LabSession, name: str) -> subprocess.Popen:
+    """Start watching `name` at the balancer; returns once the watcher runs."""
+    watcher = subprocess.Popen(
+        [str(REPO / "lab" / "lab"), "ssh", lab.balancer.name,
+         f"sudo python3 -c {shlex.quote(LEAVES_ROTATION)} {name}"],
+        env=lab.env, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert watcher.stdout.readline().strip() == "watching"
+    return watcher
+
+
+def out_at(watcher: subprocess.Popen) -> float:
+    out, _ = watcher.communicate(timeout=90)
+    assert out.strip(), "the backend never left rotation"
+    return float(out.split()[-1])
+
+
+@pytest.mark.parametrize("fault", ["kill -9", "network cut"])
+def test_a_dead_backend_leaves_rotation_within_3_s_and_later_calls_all_succeed(
+    fleet: LabSession, fault: str
+) -> None:
+    wait_all_up(fleet, BACKENDS)
+    victim = fleet.hosts[1] if fault == "kill -9" else fleet.hosts[2]
+    with PlainClient(fleet) as plain:
+        time.sleep(2)
+        watcher = leaves_rotation(fleet, victim.name)
+        faulted = time.time()
+        if fault == "kill -9":
+            fleet.ssh(victim, "sudo systemctl kill --signal=SIGKILL greeter.service")
+        else:
+            subprocess.run(["ip", "link", "set", victim.veth, "down"], check=True)
+        out = out_at(watcher)
+        time.sleep(6)  # calls sent after it left: they must all succeed (5 s deadline each)
+        if fault == "network cut":
+            subprocess.run(["ip", "link", "set", victim.veth, "up"], check=True)
+    took = out - faulted
+    between = [f for f in plain.failures if f[0] < out]
+    print(
+        f"\n[frontdoor] {fault}: out of rotation after {took:.2f} s; "
+        f"{len(between)} of {plain.report['ok'] + len(plain.failures)} calls failed in between "
+        f"({sorted({f[2] for f in between})})",
+        flush=True,
+    )
+    assert took <= 3.0
+    after = [f for f in plain.failures if f[0] >= out]
+    assert after == [], after[:10]
+    assert plain.report["ok"] > 200
+    wait_all_up(fleet, BACKENDS, timeout=60)  # systemd restarts it / the link is back
