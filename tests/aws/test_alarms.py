@@ -36,7 +36,12 @@ def run_alarms(aws: Aws, stack: str, *extra_vars: str) -> dict[str, int]:
 
 
 def instance_ids(aws: Aws, stack: str) -> dict[str, str]:
-    return {tags(i)["Name"]: i["InstanceId"] for i in aws.instances(stack, "running")}
+    """The backends' ids by name (the alarms watch greeter_servers, not the balancer)."""
+    return {
+        tags(i)["Name"]: i["InstanceId"]
+        for i in aws.instances(stack, "running")
+        if tags(i)["Service"] == "greeter"
+    }
 
 
 def expected_instance_alarms(
