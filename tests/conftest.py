@@ -32,6 +32,7 @@ SUITE_TIMEOUTS = {
     "deploy": 900,  # lab up, provision, then a deploy of 3 hosts
     "hardening": 900,  # a one-host lab, its first deploy, and one fault with its rerun
     "ops": 1200,  # a two-host lab, the deploy workflow's command, its messages in the emulator
+    "frontdoor": 1200,  # a lab of 3 hosts + the balancer, its first site.yml, a rolling upgrade
 }
 
 
@@ -61,13 +62,14 @@ def lab_cli() -> Callable[..., subprocess.CompletedProcess]:
 
 
 @pytest.fixture(scope="session")
-def extra_lab() -> Iterator[Callable[[str, int], LabSession]]:
-    """`extra_lab(name, count)`: another lab beside the session's, taken down at the end."""
+def extra_lab() -> Iterator[Callable[..., LabSession]]:
+    """`extra_lab(name, count, balancer=False)`: another lab beside the session's, taken down at
+    the end."""
     started: list[str] = []
 
-    def make(name: str, count: int) -> LabSession:
+    def make(name: str, count: int, balancer: bool = False) -> LabSession:
         started.append(name)
-        return start_lab(name, count)
+        return start_lab(name, count, balancer)
 
     yield make
     for name in started:

@@ -158,8 +158,9 @@ def cmd_up(count: int, balancer: bool = False) -> None:
         log(f"up failed; see {lab.state}/logs and {lab.state}/hosts, then run `lab/lab down`")
         raise
     log(
-        f"lab {name} up: {len(lab.machines)} hosts SSH-ready {time.monotonic() - booted:.1f}s after the image "
-        f'was ready ({time.monotonic() - started:.1f}s in all); `eval "$(lab/lab env)"` to use it'
+        f"lab {name} up: {len(lab.machines)} hosts SSH-ready {time.monotonic() - booted:.1f}s "
+        f"after the image was ready ({time.monotonic() - started:.1f}s in all); "
+        '`eval "$(lab/lab env)"` to use it'
     )
 
 

@@ -59,7 +59,7 @@ while time.time() < deadline:
 
 
 def front(lab: LabSession) -> str:
-    assert lab.balancer is not None, "lab/lab up gives every lab a balancer host"
+    assert lab.balancer is not None, "lab/lab up --balancer gives the lab a balancer host"
     return f"{lab.balancer.address}:50051"
 
 
@@ -133,9 +133,9 @@ def push_commit(lab: LabSession, tmp: Path, message: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def fleet(extra_lab: Callable[[str, int], LabSession]) -> Iterator[LabSession]:
+def fleet(extra_lab: Callable[..., LabSession]) -> Iterator[LabSession]:
     """Three lab backends and the balancer host; the stack starts with two backends."""
-    yield extra_lab(LAB_NAME, 3)
+    yield extra_lab(LAB_NAME, 3, balancer=True)
 
 
 # --- the tests, in order -------------------------------------------------------------------------
@@ -149,6 +149,9 @@ def test_site_puts_a_front_door_before_the_fleet(fleet: LabSession) -> None:
     for host in fleet.hosts[:2]:
         assert re.search(rf"{re.escape(host.address)}:50051\s+yes\s+SERVING.*\sUP", table), table
     assert sorted(at_balancer(fleet)) == BACKENDS[:2]
+    # The stack's balancer instance, alone in its group, at the lab's balancer host.
+    graph = fleet.run("ansible-inventory", "--graph", "greeter_lb").stdout
+    assert [line.strip(" |-") for line in graph.splitlines()[1:]] == [fleet.balancer.name]
     hello = fleet.run("greeter", "hello", fleet.balancer.address, "Teste")
     assert hello.stdout.strip() == "Olá, Teste!"
 

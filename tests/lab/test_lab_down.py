@@ -67,10 +67,9 @@ def test_lab_down_leaves_nothing_behind(
     prefix, state = tdown.bridge, tdown.state
     try:
         up = footprint(prefix, state, tdown.name)
-        # 2 backends and the balancer host
-        assert len(up["mounts"]) == 4  # the hosts' tmpfs and an overlay per host
-        assert len(up["netns"]) == 3
-        assert len(up["links"]) == 4  # the bridge and one veth per host
+        assert len(up["mounts"]) == 3  # the hosts' tmpfs and an overlay per host
+        assert len(up["netns"]) == 2
+        assert len(up["links"]) == 3  # the bridge and one veth per host
         assert up["cgroups"]
         assert up["processes"]
         assert tdown.bridge != session_bridge

@@ -120,11 +120,15 @@ def attach_lab(name: str) -> LabSession:
     )
 
 
-def start_lab(name: str, count: int) -> LabSession:
-    """Bring a lab up from scratch (a leftover lab of that name is taken down first)."""
+def start_lab(name: str, count: int, balancer: bool = False) -> LabSession:
+    """Bring a lab up from scratch (a leftover lab of that name is taken down first).
+
+    With `balancer`, the lab also runs a host for the stack's balancer instance (<stack>-lb);
+    without it the lab's stack has none (greeter_stack_balancer: false), which spares every
+    suite that does not test the front door a host's boot time and memory."""
     subprocess.run([str(REPO / "lab" / "host-deps")], check=True, timeout=900)
     lab_command(name, "down")
-    up = lab_command(name, "up", str(count))
+    up = lab_command(name, "up", str(count), *(["--balancer"] if balancer else []))
     if up.returncode != 0:
         lab_command(name, "down")
         pytest.fail(f"lab/lab up {count} failed:\n{up.stdout}\n{up.stderr}")
