@@ -9,6 +9,7 @@ HTTP/2 client.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -112,12 +113,16 @@ class PlainClient:
         return self.report["failures"]
 
 
-def push_commit(lab: LabSession, tmp: Path, message: str) -> str:
-    """A new commit on top of the mirror's main (a marker file), pushed as a branch."""
+def push_commit(
+    lab: LabSession, tmp: Path, message: str, edit: Callable[[Path], None] | None = None
+) -> str:
+    """A new commit on top of the mirror's main (a marker file, and `edit`), pushed as a branch."""
     clone = tmp / f"clone-{time.monotonic_ns()}"
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
     subprocess.run([*git, "clone", "--quiet", str(lab.git_mirror), str(clone)], check=True)
     (clone / "UPGRADE").write_text(f"{message}\n")
+    if edit is not None:
+        edit(clone)
     subprocess.run([*git, "-C", str(clone), "add", "-A"], check=True)
     subprocess.run([*git, "-C", str(clone), "commit", "--quiet", "-m", message], check=True)
     sha = subprocess.run(
@@ -196,6 +201,73 @@ def test_a_rolling_upgrade_fails_no_call_of_a_plain_client_or_h2load(
     rc, rows = probe_rows(fleet)
     assert rc == 0, rows
     assert {row["commit"] for row in rows} == {new}
+
+
+# Runs on the balancer host: each change of a server's status at the balancer ("time status"),
+# sampled every 50 ms, until its stdin closes.
+STATUS_TIMELINE = """
+import csv, io, select, socket, sys, time
+def status():
+    s = socket.socket(socket.AF_UNIX); s.connect('/run/haproxy/admin.sock')
+    s.sendall(b'show stat\\n'); text = s.makefile().read().lstrip('# ')
+    return {r['svname']: r['status'] for r in csv.DictReader(io.StringIO(text))}[sys.argv[1]]
+print('watching', flush=True)
+last = None
+while not select.select([sys.stdin], [], [], 0.05)[0] or sys.stdin.read(1):
+    now = status()
+    if now != last:
+        print(time.time(), now, flush=True); last = now
+"""
+
+
+def test_a_host_failing_its_gate_stays_out_of_rotation_until_its_rollback_serves(
+    fleet: LabSession, tmp_path: Path
+) -> None:
+    """A release that passes the balancer's health check but not the gate (a wrong greeting): the
+    plain client never gets an answer from it, and the host returns to rotation once, after its
+    rollback serves again."""
+    wait_all_up(fleet, BACKENDS)
+    good = {row["commit"] for row in probe_rows(fleet)[1]}
+    assert len(good) == 1, good
+
+    def wrong_greeting(clone: Path) -> None:
+        server = clone / "service" / "src" / "greeter" / "server.py"
+        text = server.read_text()
+        assert 'f"Olá, {nome}!"' in text
+        server.write_text(text.replace('f"Olá, {nome}!"', 'f"Oi, {nome}!"'))
+
+    bad = push_commit(fleet, tmp_path, "A release with another greeting", wrong_greeting)
+    watcher = subprocess.Popen(
+        [str(REPO / "lab" / "lab"), "ssh", fleet.balancer.name,
+         f"sudo python3 -c {shlex.quote(STATUS_TIMELINE)} greeter-1"],
+        env=fleet.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert watcher.stdout.readline().strip() == "watching"
+        with PlainClient(fleet) as plain:
+            time.sleep(2)
+            result = fleet.playbook(
+                "playbooks/deploy.yml", "-e", f"greeter_version={bad}",
+                "-e", "greeter_verify_timeout=5", check=False,
+            )  # fmt: skip
+            time.sleep(2)
+    finally:
+        out, _ = watcher.communicate(timeout=30)  # closes its stdin: the watcher ends
+    timeline = [line.split(maxsplit=1)[1] for line in out.splitlines()]
+    output = " ".join((result.stdout + result.stderr).split())
+    print(f"\n[frontdoor] greeter-1 at the balancer: {' -> '.join(timeline)}", flush=True)
+    assert result.returncode != 0
+    assert re.search(rf"greeter-1: release {bad}-[0-9a-f]{{12}} failed \(", output), output[-3000:]
+    assert "which serves again" in output, output[-3000:]
+    # Out of rotation from the drain to the end of its rollback: UP once before, once after.
+    up = [state.startswith("UP") for state in timeline]  # "UP", "UP 1/3" (going down), ...
+    assert up[0] and up[-1], timeline
+    assert sum(1 for before, now in itertools.pairwise(up) if now and not before) == 1, timeline
+    calls = plain.report["ok"] + len(plain.failures)
+    print(f"[frontdoor] plain client: {calls} calls, {len(plain.failures)} failed", flush=True)
+    assert plain.failures == [], plain.failures[:10]  # no error and no "Oi" reached it
+    assert plain.report["ok"] > 200
+    assert {row["commit"] for row in probe_rows(fleet)[1]} == good
 
 
 class H2load:
