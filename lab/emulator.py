@@ -30,12 +30,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-# moto reads these at request time. With them, an unknown instance type or image id fails the
-# stack like real AWS does, instead of being accepted silently. Key pairs stay unvalidated: a lab
-# has no key pair to import. A caller's own value wins.
+# moto reads these at request time. With them, an unknown instance type, image id or key pair
+# fails the stack like real AWS does, instead of being accepted silently (the lab imports its own
+# SSH key as a key pair: lab/launcher.py). A caller's own value wins.
 MOTO_SETTINGS = {
     "MOTO_EC2_ENABLE_INSTANCE_TYPE_VALIDATION": "1",
     "MOTO_ENABLE_AMI_VALIDATION": "1",
+    "MOTO_ENABLE_KEYPAIR_VALIDATION": "1",
 }
 
 # Canonical's public parameters (the names real AWS serves) -> an image id that exists in moto's

@@ -1,9 +1,10 @@
 """Session fixtures for tests that run on lab hosts (see lab/README.md).
 
 ``lab`` brings one test lab up for the whole session (LAB_NAME from LAB_TEST_NAME, default
-``test``, so it never touches the demo) and takes it down at the end; ``lab_stack`` adds the
-CloudFormation stack in the lab's AWS emulator through the real playbooks/provision.yml, so
-``ansible-playbook site.yml`` runs in ``lab.env`` exactly as it would against AWS.
+``test``, so it never touches the demo) and takes it down at the end. Lab hosts boot when the
+stack creates their instances, so every test lab comes with its CloudFormation stack, created
+in the lab's AWS emulator by the real playbooks/provision.yml: ``ansible-playbook site.yml``
+runs in ``lab.env`` exactly as it would against AWS.
 Nothing is skipped: missing machine packages are installed by lab/host-deps.
 """
 
@@ -45,9 +46,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def lab() -> Iterator[LabSession]:
-    """One lab for the whole test session: LAB_TEST_HOSTS hosts (default 3)."""
+    """One lab for the whole test session: LAB_TEST_HOSTS hosts (default 3), provisioned.
+    Nothing deploys on it right after its boot: a short busy first boot is enough."""
     name = os.environ.get("LAB_TEST_NAME", "test")
-    session = start_lab(name, int(os.environ.get("LAB_TEST_HOSTS", "3")))
+    session = start_lab(name, int(os.environ.get("LAB_TEST_HOSTS", "3")), busy_boot=5)
     try:
         yield session
     finally:
@@ -63,13 +65,14 @@ def lab_cli() -> Callable[..., subprocess.CompletedProcess]:
 
 @pytest.fixture(scope="session")
 def extra_lab() -> Iterator[Callable[..., LabSession]]:
-    """`extra_lab(name, count, balancer=False)`: another lab beside the session's, taken down at
-    the end."""
+    """`extra_lab(name, count, **settings)`: another lab beside the session's (provisioned, with
+    the lab's default busy first boot unless `settings` say otherwise; see start_lab), taken
+    down at the end."""
     started: list[str] = []
 
-    def make(name: str, count: int, balancer: bool = False) -> LabSession:
+    def make(name: str, count: int, **settings: object) -> LabSession:
         started.append(name)
-        return start_lab(name, count, balancer)
+        return start_lab(name, count, **settings)
 
     yield make
     for name in started:
@@ -78,6 +81,6 @@ def extra_lab() -> Iterator[Callable[..., LabSession]]:
 
 @pytest.fixture(scope="session")
 def lab_stack(lab: LabSession) -> LabSession:
-    """The lab with its stack created in the emulator by the real playbooks/provision.yml."""
-    lab.playbook("playbooks/provision.yml")
+    """The lab with its stack created in the emulator by the real playbooks/provision.yml (the
+    session's lab has it from the start: its hosts boot with their instances)."""
     return lab

@@ -26,6 +26,8 @@ from .common import (
     WHEEL_PORT,
     LabError,
     ip,
+    lab_busy_boot,
+    lab_distro,
     lab_name,
     log,
     quiet,
@@ -37,6 +39,7 @@ from .hosts import (
     cgroup_pids,
     host_dir,
     keygen,
+    launch_marker,
     mount_host_tmpfs,
     prepare_root,
     remove_cgroups,
@@ -56,6 +59,8 @@ from .network import (
 )
 from .services import refresh_mirror, start_services
 from .state import Host, Lab, alive, lab_lock, spawn, stop, terminate
+
+SERVICES = ("emulator", "launcher", "apt", "git", "wheels")
 
 
 def new_lab(name: str, count: int, balancer: bool) -> Lab:
@@ -92,6 +97,8 @@ def new_lab(name: str, count: int, balancer: bool) -> Lab:
     )
     return Lab(
         name=name,
+        distro=lab_distro(),
+        busy_boot=lab_busy_boot(),
         subnet=str(subnet),
         bridge=f"gl-{sid}",
         bridge_address=str(addresses[0]),
@@ -104,7 +111,7 @@ def new_lab(name: str, count: int, balancer: bool) -> Lab:
 
 def is_up(lab: Lab) -> bool:
     return all(alive(lab.processes.get(f"host-{h.index}")) for h in lab.machines) and all(
-        alive(lab.processes.get(role)) for role in ("emulator", "apt", "git", "wheels")
+        alive(lab.processes.get(role)) for role in SERVICES
     )
 
 
@@ -125,8 +132,8 @@ def cmd_up(count: int, balancer: bool = False) -> None:
     if lab is not None:
         log(f"lab {name} is up with other hosts or only partly; taking it down first")
         cmd_down()
-    image = ensure_image()
     lab = new_lab(name, count, balancer)
+    image = ensure_image(lab.distro)
     lab.image = str(image)
     lab.state.mkdir(parents=True, exist_ok=True)
     lab.save()
@@ -149,7 +156,6 @@ def cmd_up(count: int, balancer: bool = False) -> None:
         refresh_mirror(lab)
         start_services(lab)
         write_inventory(lab)
-        wait_ssh(lab)
         wait_port("127.0.0.1", lab.emulator_port, 60, "the AWS emulator")
         servers = {APT_PORT: "apt-cacher-ng", GIT_PORT: "git daemon", WHEEL_PORT: "wheel server"}
         for port, what in servers.items():
@@ -158,9 +164,10 @@ def cmd_up(count: int, balancer: bool = False) -> None:
         log(f"up failed; see {lab.state}/logs and {lab.state}/hosts, then run `lab/lab down`")
         raise
     log(
-        f"lab {name} up: {len(lab.machines)} hosts SSH-ready {time.monotonic() - booted:.1f}s "
-        f"after the image was ready ({time.monotonic() - started:.1f}s in all); "
-        '`eval "$(lab/lab env)"` to use it'
+        f"lab {name} up ({lab.distro}, busy first boot {lab.busy_boot:g}s) in "
+        f"{time.monotonic() - booted:.1f}s after the image was ready "
+        f"({time.monotonic() - started:.1f}s in all). Its {len(lab.machines)} hosts boot when the "
+        f'stack makes their instances: `eval "$(lab/lab env)"; ansible-playbook playbooks/provision.yml`'
     )
 
 
@@ -242,10 +249,12 @@ def cmd_status() -> int:
         f"lab {lab.name}: subnet {lab.subnet} on {lab.bridge}, "
         f"AWS emulator 127.0.0.1:{lab.emulator_port}"
     )
-    for role in ("emulator", "apt", "git", "wheels"):
+    for role in SERVICES:
         print(f"  {role:<9} {'running' if alive(lab.processes.get(role)) else 'STOPPED'}")
     for host in lab.machines:
         state = "running" if alive(lab.processes.get(f"host-{host.index}")) else "STOPPED"
+        if state == "running" and not launch_marker(lab, host).exists():
+            state = "running (waiting for its instance)"
         print(f"  {host.name:<12} {host.address:<15} {state}")
     return 0 if is_up(lab) else 1
 

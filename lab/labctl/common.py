@@ -28,6 +28,9 @@ HOST_DEPS = REPO / "lab" / "host-deps"
 EMULATOR = REPO / "lab" / "emulator.py"
 
 
+LAUNCHER = REPO / "lab" / "launcher.py"
+
+
 WHEEL_REQUIREMENTS = REPO / "service" / "requirements.txt"
 
 
@@ -41,6 +44,18 @@ WHEEL_PORT = 18000
 
 
 REGION = "us-east-1"
+
+
+# LAB_DISTRO -> the CPython its hosts run (the wheelhouse serves wheels for exactly that one).
+DISTRO_PYTHONS = {"bookworm": "3.11", "trixie": "3.13", "bullseye": "3.9"}
+
+
+DEFAULT_DISTRO = "bookworm"
+
+
+# LAB_BUSY_BOOT's default: about as long as apt-daily and unattended-upgrades keep dpkg locked
+# after an Ubuntu instance's first boot, at the short end.
+DEFAULT_BUSY_BOOT = 60.0
 
 
 STACK = "greeter"
@@ -88,6 +103,24 @@ def lab_name() -> str:
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,31}", name):
         raise LabError(f"LAB_NAME={name!r}: use lower-case letters, digits and dashes (<= 32)")
     return name
+
+
+def lab_distro() -> str:
+    distro = os.environ.get("LAB_DISTRO") or DEFAULT_DISTRO
+    if distro not in DISTRO_PYTHONS:
+        raise LabError(f"LAB_DISTRO={distro!r}: one of {', '.join(DISTRO_PYTHONS)}")
+    return distro
+
+
+def lab_busy_boot() -> float:
+    value = os.environ.get("LAB_BUSY_BOOT") or str(DEFAULT_BUSY_BOOT)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 3600:
+        raise LabError(f"LAB_BUSY_BOOT={value!r}: seconds within 0-3600 (0: an idle first boot)")
+    return seconds
 
 
 def short_id(name: str) -> str:

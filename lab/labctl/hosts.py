@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -53,19 +52,18 @@ disable-pip-version-check = true
 """
 
 
-HOST_HOSTS = """\
-127.0.0.1\tlocalhost
-127.0.1.1\t{name}
-::1\tlocalhost ip6-localhost ip6-loopback
-"""
-
-
 def keygen(path: Path, comment: str) -> None:
     run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", path)
 
 
+def launch_marker(lab: Lab, host: Host) -> Path:
+    """Written by lab/launcher.py once the host's instance runs and its seed is in place."""
+    return host_dir(lab, host) / "launch.json"
+
+
 def prepare_root(lab: Lab, host: Host, image: Path) -> None:
-    """Mount the host's overlay and give it its own identity, SSH keys and package sources."""
+    """Mount the host's overlay with its machine-id and the lab's package sources. Its user,
+    key and hostname come from cloud-init once its instance runs (lab/launcher.py)."""
     d = host_dir(lab, host)
     for sub in ("upper", "work", "root"):
         (d / sub).mkdir(parents=True, exist_ok=True)
@@ -74,21 +72,10 @@ def prepare_root(lab: Lab, host: Host, image: Path) -> None:
         "-o", f"lowerdir={image},upperdir={d / 'upper'},workdir={d / 'work'}", d / "root",
     )  # fmt: skip
     root = d / "root"
-    (root / "etc/hostname").write_text(f"{host.name}\n")
-    (root / "etc/hosts").write_text(HOST_HOSTS.format(name=host.name))
     (root / "etc/machine-id").write_text(uuid.uuid4().hex + "\n")
-    key = root / "etc/ssh/ssh_host_ed25519_key"
-    keygen(key, f"root@{host.name}")
-    ssh = root / "home/ubuntu/.ssh"
-    shutil.copy(lab.state / "ssh" / "id_ed25519.pub", ssh / "authorized_keys")
-    os.chown(ssh / "authorized_keys", 1000, 1000)
-    os.chmod(ssh / "authorized_keys", 0o600)
     sources = {"bridge": lab.bridge_address, "apt_port": APT_PORT, "wheel_port": WHEEL_PORT}
     (root / "etc/apt/apt.conf.d/80lab-proxy").write_text(HOST_APT_PROXY.format(**sources))
     (root / "etc/pip.conf").write_text(HOST_PIP_CONF.format(**sources))
-    public = Path(f"{key}.pub").read_text().split()[:2]
-    with (lab.state / "ssh" / "known_hosts").open("a") as out:
-        out.write(f"{host.address} {' '.join(public)}\n")
 
 
 def join_cgroups(name: str) -> None:
@@ -154,6 +141,11 @@ def run_host(name: str, index: int) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
+    # A lab host is an instance that does not exist yet: it boots when the stack makes it.
+    while not launch_marker(lab, host).exists():
+        if stopping:
+            return 0
+        time.sleep(0.2)
     while True:
         child = subprocess.Popen(nspawn_command(lab, host), env=env, stdin=subprocess.DEVNULL)
         code = child.wait()
@@ -164,10 +156,11 @@ def run_host(name: str, index: int) -> int:
 
 
 def wait_ssh(lab: Lab, timeout: float | None = None) -> None:
+    """Wait until every launched host answers SSH (a host boots once its instance runs)."""
     # Hosts boot in parallel but share two cores: allow more time for bigger labs.
     timeout = timeout if timeout is not None else 60.0 + 10.0 * len(lab.machines)
     deadline = time.monotonic() + timeout
-    pending = {h.name: h for h in lab.machines}
+    pending = {h.name: h for h in lab.machines if launch_marker(lab, h).exists()}
     while pending:
         for host in list(pending.values()):
             check_route(host.address, lab.bridge)

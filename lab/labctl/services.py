@@ -8,9 +8,11 @@ from pathlib import Path
 
 from .common import (
     APT_PORT,
+    DISTRO_PYTHONS,
     EMULATOR,
     GIT_PORT,
     LAB_ROOT,
+    LAUNCHER,
     REPO,
     VENV_BIN,
     WHEEL_PORT,
@@ -40,25 +42,33 @@ def refresh_mirror(lab: Lab) -> str:
     return lab.commit
 
 
-def ensure_wheelhouse() -> Path:
-    """Wheels for the service's pinned requirements, downloaded once per requirements file."""
+def ensure_wheelhouse(python: str) -> Path:
+    """Wheels of the service's pinned requirements for the hosts' CPython `python` (x86_64),
+    downloaded once per requirements file and Python."""
     key = hashlib.sha256(WHEEL_REQUIREMENTS.read_bytes()).hexdigest()[:16]
-    house = LAB_ROOT / "cache" / "wheels" / key
+    house = LAB_ROOT / "cache" / "wheels" / f"{key}-cp{python.replace('.', '')}"
     if (house / ".complete").exists():
         return house
     pip = VENV_BIN / "pip"
     if not pip.exists():
         raise LabError(f"{pip} is missing: run `make venv` first")
-    log("downloading the wheelhouse for service/requirements.txt (once)")
+    log(f"downloading the wheelhouse for service/requirements.txt, Python {python} (once)")
     house.mkdir(parents=True, exist_ok=True)
-    # The hosts run Debian 12's CPython 3.11 on x86_64; ask for exactly their wheels.
-    run(
+    fetched = run(
         pip, "download", "--quiet", "--disable-pip-version-check", "--dest", house,
-        "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
+        "--only-binary=:all:", "--python-version", python, "--implementation", "cp",
         "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64",
         "--platform", "manylinux_2_28_x86_64",
-        "-r", WHEEL_REQUIREMENTS, "pip", "wheel",
+        "-r", WHEEL_REQUIREMENTS, "pip", "wheel", check=False, capture_output=True,
     )  # fmt: skip
+    if fetched.returncode != 0:
+        # Debian 11's Python 3.9, say: the pinned grpcio and protobuf need 3.10. Serve what is
+        # there and say why the rest is missing; the role refuses such a host by name anyway.
+        reason = fetched.stderr.strip().splitlines()[-1:] or ["pip download failed"]
+        (house / "UNAVAILABLE.txt").write_text(
+            f"No wheels of service/requirements.txt for CPython {python}: {reason[0]}\n"
+        )
+        log(f"warning: no wheels of service/requirements.txt for Python {python}: {reason[0]}")
     (house / ".complete").touch()
     return house
 
@@ -115,6 +125,7 @@ def start_services(lab: Lab) -> None:
         "emulator": lambda: [
             str(VENV_BIN / "python"), str(EMULATOR), "--port", str(lab.emulator_port),
         ],
+        "launcher": lambda: [str(VENV_BIN / "python"), str(LAUNCHER), lab.name],
         "apt": lambda: ["apt-cacher-ng", "-c", str(apt_proxy_config(lab)), "ForeGround=1"],
         "git": lambda: [
             "git", "daemon", "--reuseaddr", "--verbose", f"--listen={b}", f"--port={GIT_PORT}",
@@ -122,7 +133,7 @@ def start_services(lab: Lab) -> None:
         ],
         "wheels": lambda: [
             sys.executable, "-m", "http.server", "--bind", b,
-            "--directory", str(ensure_wheelhouse()), str(WHEEL_PORT),
+            "--directory", str(ensure_wheelhouse(DISTRO_PYTHONS[lab.distro])), str(WHEEL_PORT),
         ],
     }  # fmt: skip
     for role, command in commands.items():

@@ -88,9 +88,11 @@ class LabSession:
         return self.run("ansible-playbook", playbook, *args, check=check, env=env)
 
 
-def lab_command(name: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    """lab/lab with LAB_NAME=prefixed(name), capturing its output."""
-    env = dict(os.environ, LAB_NAME=prefixed(name))
+def lab_command(
+    name: str, *args: str, timeout: float = 900, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """lab/lab with LAB_NAME=prefixed(name) (and `env` added), capturing its output."""
+    env = {**os.environ, **(env or {}), "LAB_NAME": prefixed(name)}
     return watchdog.run([LAB, *args], timeout, cwd=REPO, env=env)
 
 
@@ -120,16 +122,36 @@ def attach_lab(name: str) -> LabSession:
     )
 
 
-def start_lab(name: str, count: int, balancer: bool = False) -> LabSession:
+def start_lab(
+    name: str,
+    count: int,
+    *,
+    balancer: bool = False,
+    busy_boot: float | None = None,
+    distro: str | None = None,
+    provision: bool = True,
+) -> LabSession:
     """Bring a lab up from scratch (a leftover lab of that name is taken down first).
 
-    With `balancer`, the lab also runs a host for the stack's balancer instance (<stack>-lb);
-    without it the lab's stack has none (greeter_stack_balancer: false), which spares every
-    suite that does not test the front door a host's boot time and memory."""
+    Its hosts boot when the stack creates their instances, so by default the lab's stack is
+    provisioned (playbooks/provision.yml, which waits for SSH) before the lab is handed over.
+    `balancer`: the lab also runs a host for the stack's balancer instance (<stack>-lb); without
+    it the lab's stack has none (greeter_stack_balancer: false), which spares every suite that
+    does not test the front door a host's boot time and memory. `busy_boot`: LAB_BUSY_BOOT, the
+    seconds dpkg stays locked after a host's first boot (the lab's default, about a minute, when
+    None). `distro`: LAB_DISTRO (bookworm when None)."""
     subprocess.run([str(REPO / "lab" / "host-deps")], check=True, timeout=900)
     lab_command(name, "down")
-    up = lab_command(name, "up", str(count), *(["--balancer"] if balancer else []))
+    settings = {}
+    if busy_boot is not None:
+        settings["LAB_BUSY_BOOT"] = f"{busy_boot:g}"
+    if distro is not None:
+        settings["LAB_DISTRO"] = distro
+    up = lab_command(name, "up", str(count), *(["--balancer"] if balancer else []), env=settings)
     if up.returncode != 0:
         lab_command(name, "down")
         pytest.fail(f"lab/lab up {count} failed:\n{up.stdout}\n{up.stderr}")
-    return attach_lab(name)
+    session = attach_lab(name)
+    if provision:
+        session.playbook("playbooks/provision.yml")
+    return session
