@@ -15,8 +15,10 @@ import os
 import pwd
 import re
 import stat
+import sys
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.greeter_boot import cloud_init_state, dpkg_lock_holders
 
 DOCUMENTATION = r"""
 ---
@@ -121,7 +123,17 @@ systemd_version:
   returned: always
   type: int
 os:
-  description: C(ID) and C(VERSION_ID) from /etc/os-release.
+  description: C(id), C(version_id) and C(codename) from /etc/os-release, and C(python), the
+    host's Python 3 (major.minor) that runs this module: the distribution facts the role needs,
+    without a full fact gathering.
+  returned: always
+  type: dict
+boot:
+  description:
+    - Whether the host's first boot is still busy. C(cloud_init) is C(done) once cloud-init
+      finished this boot, C(running) while it works, C(absent) when it did not run (not
+      installed or disabled). C(dpkg_lock) names the processes holding dpkg's locks
+      (C(lock-frontend), C(lock)), empty when they are free.
   returned: always
   type: dict
 current_target:
@@ -273,7 +285,7 @@ def _free(root: str) -> dict:
 
 
 def _os_release() -> dict:
-    info = {"ID": "", "VERSION_ID": ""}
+    info = {"ID": "", "VERSION_ID": "", "VERSION_CODENAME": ""}
     try:
         with open("/etc/os-release", encoding="utf-8") as handle:
             for line in handle:
@@ -282,7 +294,12 @@ def _os_release() -> dict:
                     info[key] = value.strip('"')
     except OSError:
         pass
-    return {"id": info["ID"], "version_id": info["VERSION_ID"]}
+    return {
+        "id": info["ID"],
+        "version_id": info["VERSION_ID"],
+        "codename": info["VERSION_CODENAME"],
+        "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
+    }
 
 
 def main() -> None:
@@ -334,6 +351,7 @@ def main() -> None:
         service=service,
         systemd_version=systemd_version,
         os=_os_release(),
+        boot={"cloud_init": cloud_init_state(), "dpkg_lock": dpkg_lock_holders()},
         files={path: _file(module, path) for path in module.params["files"]},
         account=_account(module.params["user"], module.params["group"]),
         probe=probe,
