@@ -301,3 +301,22 @@ def test_deploy_table_shows_load_and_targets_ignore_the_site_yml_rerun_time():
     assert checked["no-op rerun of 3 hosts"].value == 11.0
     assert checked["playbooks/deploy.yml rerun repairs a stopped service and an edited unit"].ok
     assert not checked["site.yml rerun repairs a stopped service and an edited unit"].ok
+
+
+def test_the_first_deploys_wait_for_ready_hosts_comes_from_its_wait_tasks():
+    stdout = (
+        "TASK [Wait for SSH and Python on the host] ***\n"
+        "Friday 04 December 2026  07:00:00 +0000 (0:00:00.204)       0:00:10.000 *****\n"
+        "TASK [greeter : Read the host's deployment state] ***\n"
+        "Friday 04 December 2026  07:00:04 +0000 (0:00:04.000)       0:00:14.000 *****\n"
+        "TASK [greeter : Wait for cloud-init and dpkg's lock] ***\n"
+        "Friday 04 December 2026  07:00:05 +0000 (0:00:01.000)       0:00:15.000 *****\n"
+        "PLAY RECAP ***\n"
+        "Friday 04 December 2026  07:00:50 +0000 (0:00:45.000)       0:01:00.000 *****\n"
+    )
+    assert deploy.task_seconds(stdout) == [
+        ("Wait for SSH and Python on the host", 4.0),
+        ("greeter : Read the host's deployment state", 1.0),
+        ("greeter : Wait for cloud-init and dpkg's lock", 45.0),
+    ]
+    assert deploy.ready_seconds(stdout) == 49.0
