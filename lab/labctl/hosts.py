@@ -114,11 +114,14 @@ def remove_cgroups(name: str) -> None:
 
 
 def nspawn_command(lab: Lab, host: Host) -> list[str]:
+    # --console=read-only: nspawn copies the guest's console into console.log. cloud-init writes
+    # plenty there; with `passive` nobody read the console's pty, and once its buffer was full
+    # the guest's systemd blocked writing to it (a reboot never finished).
     return [
         "systemd-nspawn", "--boot", "--quiet",
         f"--directory={host_dir(lab, host) / 'root'}", f"--machine={host.machine}",
         "--register=no", "--keep-unit", f"--network-namespace-path=/run/netns/{host.netns}",
-        "--resolv-conf=off", "--timezone=off", "--link-journal=no", "--console=passive",
+        "--resolv-conf=off", "--timezone=off", "--link-journal=no", "--console=read-only",
     ]  # fmt: skip
 
 

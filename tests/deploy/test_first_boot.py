@@ -55,7 +55,8 @@ def test_the_first_deploy_waits_for_the_busy_boot_and_a_short_bound_names_cloud_
         text,
     ), text[-3000:]
     waited = re.search(
-        rf"ok: \[{first.name}\] => .{{0,3000}}?waited: cloud_init: ([0-9.]+) dpkg_lock: ([0-9.]+)",
+        rf"ok: \[{first.name}\] => ansible_job_id: \S+ attempts: \d+ .{{0,600}}?"
+        r"waited: cloud_init: ([0-9.]+) dpkg_lock: ([0-9.]+)",
         text,
     )
     assert waited, text[-3000:]

@@ -68,30 +68,37 @@ def main() -> None:
     )
     timeout = module.params["timeout"]
     started = time.monotonic()
-    deadline = started + timeout
-    waited = {"cloud_init": 0.0, "dpkg_lock": 0.0}
+
+    def waited(cloud_init: float | None = None) -> dict:
+        """Seconds spent on each wait so far (cloud_init: when that wait ended)."""
+        now = round(time.monotonic() - started, 1)
+        if cloud_init is None:
+            return {"cloud_init": now, "dpkg_lock": 0.0}
+        return {"cloud_init": cloud_init, "dpkg_lock": round(now - cloud_init, 1)}
+
     while cloud_init_state() == "running":
-        if time.monotonic() > deadline:
+        if time.monotonic() - started > timeout:
             module.fail_json(
                 msg=f"cloud-init had not finished the host's boot after {timeout} s "
                 "(greeter_boot_timeout); `cloud-init status --long` on the host says why",
-                waited=waited,
+                waited=waited(),
             )
         time.sleep(POLL_SECONDS)
-    waited["cloud_init"] = round(time.monotonic() - started, 1)
+    cloud_init_done = waited()["cloud_init"]
     holders = dpkg_lock_holders() if module.params["dpkg_lock"] else []
     while holders:
-        if time.monotonic() > deadline:
+        if time.monotonic() - started > timeout:
             module.fail_json(
                 msg=f"dpkg's lock (/var/lib/dpkg/lock-frontend, /var/lib/dpkg/lock) was still "
                 f"held after {timeout} s (greeter_boot_timeout) by {', '.join(holders)}: apt-daily "
                 "or unattended-upgrades, say; let it finish, or stop it, and rerun",
-                waited=waited,
+                waited=waited(cloud_init_done),
             )
         time.sleep(POLL_SECONDS)
         holders = dpkg_lock_holders()
-    waited["dpkg_lock"] = round(time.monotonic() - started - waited["cloud_init"], 1)
-    module.exit_json(changed=False, waited=waited, cloud_init_errors=cloud_init_errors())
+    module.exit_json(
+        changed=False, waited=waited(cloud_init_done), cloud_init_errors=cloud_init_errors()
+    )
 
 
 if __name__ == "__main__":
