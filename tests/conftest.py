@@ -29,7 +29,9 @@ SUITE_TIMEOUTS = {
     "service": 300,  # a server on loopback, a few seconds of load at most
     "aws": 600,  # moto's server and up to five playbooks against it (~90 s on a quiet machine)
     "bench": 900,  # bench/run service for a round (its own limit is 600 s)
-    "lab": 600,  # the session lab's `up` (3 hosts) and a few commands on the hosts
+    # the session lab's `up` (3 hosts) and provision, and a few commands on the hosts; on a fresh
+    # machine its first test also builds the image (cloud-init included: ~3 min quiet, 6-9 loaded)
+    "lab": 900,
     "deploy": 900,  # lab up, provision, then a deploy of 3 hosts
     "hardening": 900,  # a one-host lab, its first deploy, and one fault with its rerun
     "ops": 1200,  # a two-host lab, the deploy workflow's command, its messages in the emulator

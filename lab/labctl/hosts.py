@@ -113,6 +113,9 @@ def remove_cgroups(name: str) -> None:
                 top.parent.rmdir()  # greeter-lab itself, once no other lab uses it
 
 
+BOOT_RETRIES = 6
+
+
 def nspawn_command(lab: Lab, host: Host) -> list[str]:
     # --console=read-only: nspawn copies the guest's console into console.log. cloud-init writes
     # plenty there; with `passive` nobody read the console's pty, and once its buffer was full
@@ -149,13 +152,26 @@ def run_host(name: str, index: int) -> int:
         if stopping:
             return 0
         time.sleep(0.2)
+    failed_starts = 0
     while True:
+        started = time.monotonic()
         child = subprocess.Popen(nspawn_command(lab, host), env=env, stdin=subprocess.DEVNULL)
         code = child.wait()
-        if stopping or code != 133:
-            log(f"{host.name}: nspawn exited with {code}")
-            return code
-        log(f"{host.name}: the guest rebooted; booting it again")
+        if code == 133 and not stopping:
+            log(f"{host.name}: the guest rebooted; booting it again")
+            continue
+        # A guest whose systemd could not even start ("Too many open files": every container's
+        # systemd takes inotify instances from the machine's one per-user limit, shared by all
+        # the labs on it) is booted again a little later, a few times, instead of never.
+        if not stopping and time.monotonic() - started < 30 and failed_starts < BOOT_RETRIES:
+            failed_starts += 1
+            log(f"{host.name}: nspawn exited with {code} at once; booting again in 10 s")
+            time.sleep(10)
+            if stopping:
+                return code
+            continue
+        log(f"{host.name}: nspawn exited with {code}")
+        return code
 
 
 def wait_ssh(lab: Lab, timeout: float | None = None) -> None:
