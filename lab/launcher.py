@@ -136,9 +136,7 @@ def main(argv: list[str]) -> int:
     import_lab_key(ec2, lab)
     # The backends <stack>-1 .. <stack>-N and, with `up --balancer`, the balancer <stack>-lb.
     unlaunched = {h.name: h for h in lab.machines if not launch_marker(lab, h).exists()}
-    unpinned = [
-        h for h in lab.machines if h.name not in unlaunched and not pinned_already(lab, h)
-    ]
+    unpinned = [h for h in lab.machines if h.name not in unlaunched and not pinned_already(lab, h)]
     while True:
         if unlaunched:
             try:

@@ -166,8 +166,9 @@ def cmd_up(count: int, balancer: bool = False) -> None:
     log(
         f"lab {name} up ({lab.distro}, busy first boot {lab.busy_boot:g}s) in "
         f"{time.monotonic() - booted:.1f}s after the image was ready "
-        f"({time.monotonic() - started:.1f}s in all). Its {len(lab.machines)} hosts boot when the "
-        f'stack makes their instances: `eval "$(lab/lab env)"; ansible-playbook playbooks/provision.yml`'
+        f"({time.monotonic() - started:.1f}s in all). Its {len(lab.machines)} hosts boot when "
+        'the stack makes their instances: `eval "$(lab/lab env)"; '
+        "ansible-playbook playbooks/provision.yml`"
     )
 
 
