@@ -28,7 +28,24 @@ def busy(extra_lab: Callable[..., LabSession]) -> LabSession:
 
 
 def nothing_deployed(lab: LabSession, host_index: int) -> bool:
-    return lab.ssh(lab.hosts[host_index], "test -e /opt/greeter", check=False).returncode == 1
+    """No build, release or lock under /opt/greeter (the first host's deploy lock, taken and
+    released by the failed run, leaves the empty folder)."""
+    return lab.ssh(lab.hosts[host_index], NOTHING_DEPLOYED, check=False).returncode == 0
+
+
+NOTHING_DEPLOYED = 'test -z "$(sudo ls -A /opt/greeter 2>/dev/null)"'
+
+
+def nothing_switched(lab: LabSession, host_index: int) -> bool:
+    """No current release and no service: whatever was prepared, nothing serves."""
+    return (
+        lab.ssh(
+            lab.hosts[host_index],
+            "! sudo test -e /opt/greeter/current && ! systemctl is-active --quiet greeter.service",
+            check=False,
+        ).returncode
+        == 0
+    )
 
 
 def test_the_first_deploy_waits_for_the_busy_boot_and_a_short_bound_names_cloud_init(
@@ -61,7 +78,8 @@ def test_the_first_deploy_waits_for_the_busy_boot_and_a_short_bound_names_cloud_
     )
     assert waited, text[-3000:]
     assert float(waited.group(1)) > 0, waited.group(0)  # cloud-init was still running
-    assert nothing_deployed(busy, 0)
+    # The first host waited and prepared its release, but the run stopped before any switch.
+    assert nothing_switched(busy, 0)
     assert nothing_deployed(busy, 1)
 
 
