@@ -53,7 +53,7 @@ lab-up: venv protos host-deps ## start $(N) lab hosts
 lab-down: ## stop the lab hosts and leave nothing behind
 	lab/lab down
 
-bench: venv protos host-deps ## service and deployment benchmarks (ratios against baselines)
+bench: venv protos host-deps ## service, balancer and deployment benchmarks (ratios against baselines)
 	bench/run
 
 clean: lab-down ## remove the virtualenv and caches (keeps the lab image cache)
