@@ -16,7 +16,7 @@ import grpc
 import pytest
 from greeter import hello_pb2_grpc
 
-from bench import common, deploy, service
+from bench import balancer, common, deploy, service
 
 REPO = common.REPO
 
@@ -332,3 +332,83 @@ def test_the_first_deploys_target_leaves_out_the_wait_for_busy_hosts():
     (first,) = [t for t in deploy.targets(s, {}, ("first",)) if t.name.startswith("first deploy")]
     assert first.ok
     assert "70.0 s of 150.0 s (47%) waiting" in deploy.table(s, {}, runs)
+
+
+def _balancer_round(direct_p99: float, through_p99: float, lb_cpu: float) -> dict:
+    def run(p99: float, **extra) -> dict:
+        return {"calls_per_s": 1000.0, "p50_ms": p99 / 2, "p99_ms": p99, "driver_cpu_share": 0.2,
+                "server_cpu_us_per_call": 100.0, "server_cpu_share": 0.9,
+                "disturbed_retries": 0, **extra}  # fmt: skip
+
+    through = run(through_p99, balancer_cpu_us_per_call=lb_cpu, balancer_cpu_share=0.3,
+                  backend_connections_opened=1)  # fmt: skip
+    return {
+        "direct": {50: run(direct_p99)},
+        "balancer": {50: through},
+        "balancer_processes": 2,
+        "loadavg_1m_before": 1.0,
+    }
+
+
+def test_balancer_targets_use_the_per_round_p99_difference_and_cpu_ratio():
+    cfg = balancer.Config(rounds=3, levels=[50])
+    rounds = [_balancer_round(10.0, 10.5, 20.0), _balancer_round(12.0, 14.0, 30.0),
+              _balancer_round(8.0, 8.8, 26.0)]  # fmt: skip
+    s = balancer.summarise(rounds, cfg)
+    assert s["levels"][50]["p99_added_ms"]["median"] == pytest.approx(0.8)
+    assert s["levels"][50]["balancer_vs_backend_cpu_per_call"]["median"] == pytest.approx(0.26)
+    checked = {t.name: t for t in balancer.targets(s, cfg)}
+    assert checked["balancer adds to p99 at 50 in flight (h2load)"].ok
+    assert not checked["balancer CPU per call vs a backend's at 50 in flight"].ok
+    assert "| 50 (1x50) | 1,000 | 1.00x (1.00-1.00) | 10.0 | 10.5 | 0.8 ms (0.5-2.0) |" in (
+        balancer.table(s, cfg)
+    )
+
+
+def test_calls_that_bypass_the_balancer_are_rejected(tmp_path, monkeypatch):
+    """HAProxy's own count of answered calls must cover every call h2load saw succeed."""
+    cfg = balancer.Config(rounds=1, duration=1.0, levels=[50], log_dir=tmp_path)
+    with (
+        service.running(service.candidate_spec(), tmp_path) as backend,
+        balancer.balancing([backend.port], tmp_path) as lb,
+    ):
+        through = balancer.measure_path("balancer", 50, backend, lb, cfg)
+        assert through["balancer_answered"] >= through["calls"] > 0
+        assert through["balancer_cpu_us_per_call"] > 0
+        real_h2load = balancer.run_h2load
+        monkeypatch.setattr(
+            balancer, "run_h2load", lambda port, *args: real_h2load(backend.port, *args)
+        )
+        with pytest.raises(common.BenchError, match="did not all go through the balancer"):
+            balancer.measure_path("balancer", 50, backend, lb, cfg)
+
+
+def test_bench_run_balancer_prints_the_rows_and_writes_json(tmp_path):
+    """The whole balancer pipeline, tiny: the role's haproxy.cfg, a backend, h2load, JSON out."""
+    args = ["balancer", "--rounds", "1", "--duration", "2", "--levels", "50"]
+    env = {**os.environ, "BENCH_RESULTS": str(tmp_path)}
+    code, stdout, stderr = run_bench(args, env, timeout=300)
+    output = f"exit {code}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    assert code in (0, 1), output  # 1 is a missed target; a harness failure is not
+    assert "benchmark failed" not in stderr, output
+    assert "| 50 (1x50) |" in stdout, output
+    data = json.loads((tmp_path / "latest.json").read_text())["balancer"]
+    level = data["summary"]["levels"]["50"]
+    for key in ("direct_calls_per_s", "balancer_calls_per_s", "direct_p99_ms", "balancer_p99_ms",
+                "balancer_cpu_us_per_call", "backend_cpu_us_per_call"):  # fmt: skip
+        assert level[key]["median"] > 0, key
+    through = data["rounds"][0]["balancer"]["50"]
+    assert through["balancer_answered"] >= through["calls"] > 0
+    targets = {t["name"]: t for t in data["targets"]}
+    p99 = targets["balancer adds to p99 at 50 in flight (h2load)"]
+    assert p99["value"] == level["p99_added_ms"]["median"] and p99["limit"] == 1.0
+    cpu = targets["balancer CPU per call vs a backend's at 50 in flight"]
+    assert cpu["value"] == level["balancer_vs_backend_cpu_per_call"]["median"]
+    assert cpu["limit"] == 0.25
+    # HAProxy ran the role's own configuration, moved to loopback.
+    (config,) = (tmp_path / "logs").glob("haproxy-*.cfg")
+    text = config.read_text()
+    assert f"bind 127.0.0.1:{config.stem.split('-')[1]} proto h2" in text
+    assert "tcp-check send-binary 505249202a20485454502f322e30" in text  # the role's gRPC check
+    assert "tcp-check expect binary 00000000020801" in text
+    assert "[::]" not in text and "/run/haproxy" not in text
