@@ -271,6 +271,7 @@ def summarise(rounds: list[dict], cfg: Config) -> dict:
             "backend_direct_cpu_us_per_call": summary(direct_cpu),
             "balancer_vs_backend_cpu_per_call": summary(ratios(lb_cpu, backend_cpu)),
             "backend_cpu_per_call_behind_vs_direct": summary(ratios(backend_cpu, direct_cpu)),
+            "balancer_vs_direct_backend_cpu_per_call": summary(ratios(lb_cpu, direct_cpu)),
             "balancer_cpu_share": summary(series("balancer", "balancer_cpu_share")),
             "driver_cpu_share_through": summary(series("balancer", "driver_cpu_share")),
             "backend_cpu_share_through": summary(series("balancer", "server_cpu_share")),
@@ -329,10 +330,11 @@ def table(s: dict, cfg: Config) -> str:
         rows,
     )  # fmt: skip
     text += (
-        "\n\nThe balancer fronts the same one backend the direct calls reach, so each pair "
-        "isolates the hop. Ratios and added milliseconds: medians of the per-round figures "
-        f"(min-max over {cfg.rounds} interleaved rounds of {cfg.duration:g} s); CPU per call "
-        "over the same calls through the balancer."
+        "\n\nThe balancer (HAProxy, the greeter_lb role's configuration on loopback) fronts "
+        "the same one backend the direct calls reach, so each pair isolates the hop; backend "
+        "on CPU 0, HAProxy and h2load on CPU 1. Ratios and added milliseconds: medians of the "
+        f"per-round figures (min-max over {cfg.rounds} interleaved rounds of {cfg.duration:g} "
+        "s). HAProxy's and the backend's CPU per call: over the same calls through the balancer."
     )
     extra = []
     for level in cfg.levels:
@@ -343,7 +345,8 @@ def table(s: dict, cfg: Config) -> str:
             f"{e['driver_cpu_share_through']['median']:.2f} of a core, the backend "
             f"{e['backend_cpu_share_through']['median']:.2f} of CPU 0; the backend's CPU per "
             "call behind the balancer vs direct "
-            f"{fmt_range(e['backend_cpu_per_call_behind_vs_direct'])}"
+            f"{fmt_range(e['backend_cpu_per_call_behind_vs_direct'])}, HAProxy's against the "
+            f"backend's direct {fmt_range(e['balancer_vs_direct_backend_cpu_per_call'])}"
             f"; p50 added {fmt_range(e['p50_added_ms'], 2, ' ms')}; connections HAProxy opened "
             f"to the backend {fmt_range(e['backend_connections_opened'], 0, '')} (h2load opened "
             f"{LEVELS[level][0]} to it)"
