@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -113,19 +114,20 @@ def render_config(path: Path, port: int, backend_ports: list[int], socket: Path)
         "_greeter_lb_socket": str(socket),
         "ansible_python_interpreter": sys.executable,
     }
-    inventory_path = path.with_suffix(".inventory.yml")  # JSON is YAML
-    overrides_path = path.with_suffix(".vars.json")
-    inventory_path.write_text(json.dumps(inventory), encoding="utf-8")
-    overrides_path.write_text(json.dumps(overrides), encoding="utf-8")
-    argv = [
-        str(BIN / "ansible"), "bench-lb", "-i", str(inventory_path),
-        "-e", f"@{ROLE / 'defaults' / 'main.yml'}", "-e", f"@{ROLE / 'vars' / 'main.yml'}",
-        "-e", f"@{overrides_path}",
-        "-m", "ansible.builtin.template",
-        "-a", f"src={ROLE / 'templates' / 'haproxy.cfg.j2'} dest={path}",
-    ]  # fmt: skip
-    env = {**os.environ, "ANSIBLE_FILTER_PLUGINS": str(ROLE / "filter_plugins")}
-    done = run_watched(argv, 120, cwd=REPO, env=env)
+    with tempfile.TemporaryDirectory(prefix="bench-haproxy-") as tmp:
+        inventory_path = Path(tmp) / "inventory.json"  # Ansible's yaml inventory reads JSON
+        overrides_path = Path(tmp) / "overrides.json"
+        inventory_path.write_text(json.dumps(inventory), encoding="utf-8")
+        overrides_path.write_text(json.dumps(overrides), encoding="utf-8")
+        argv = [
+            str(BIN / "ansible"), "bench-lb", "-i", str(inventory_path),
+            "-e", f"@{ROLE / 'defaults' / 'main.yml'}", "-e", f"@{ROLE / 'vars' / 'main.yml'}",
+            "-e", f"@{overrides_path}",
+            "-m", "ansible.builtin.template",
+            "-a", f"src={ROLE / 'templates' / 'haproxy.cfg.j2'} dest={path}",
+        ]  # fmt: skip
+        env = {**os.environ, "ANSIBLE_FILTER_PLUGINS": str(ROLE / "filter_plugins")}
+        done = run_watched(argv, 120, cwd=REPO, env=env)
     if done.returncode != 0 or not path.exists():
         raise BenchError(f"rendering haproxy.cfg failed ({done.returncode}):\n{done.stdout}")
     check = run_watched([haproxy_binary(), "-c", "-q", "-f", str(path)], 60)
