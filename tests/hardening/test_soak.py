@@ -1,9 +1,9 @@
 """The short soak: lab/soak against a local greeter-server, 1000 calls in flight.
 
 The long version (60 s and more, against a lab host over SSH) is the documented command
-`lab/soak`; this one runs the same script for a warm-up round of 8 s and a steady round of
+`lab/soak`; this one runs the same script for a warm-up round of 8 s and steady rounds of
 40k calls, so `make test` proves that the server keeps every one of 1000 concurrent calls and
-that the second round leaves no more than a few bytes per call behind.
+that its memory levels off: a steady round leaves no more than a few bytes per call behind.
 """
 
 from __future__ import annotations
@@ -23,11 +23,15 @@ IN_FLIGHT = 1000
 # The steady round is a number of calls, not a time, so the leak bound below means the same on
 # a busy machine: 40k calls take ~10 s on a quiet 2-core machine.
 STEADY_CALLS = 40_000
-# Memory a steady server may still gain per call in a second round of the same load, measured
-# idle after each round (after the load, so the calls in flight do not count). Measured here:
-# 20-63 bytes per call over 43k-52k calls (allocator noise, +1 to +3 MiB a round); a leak of
-# 256 bytes per call adds 10 MiB over the round, one of 1 KiB 40 MiB.
+# Memory a steady server may still gain per call in a round of the same load after the warm-up,
+# measured idle after each round (after the load, so the calls in flight do not count). Measured
+# here: 20-63 bytes per call over 43k-52k calls on a quiet machine (allocator noise, +1 to +3 MiB a
+# round), but once 324 while lab tests ran beside it (the allocator took a new arena's worth). A
+# leak grows by the same amount every round; noise does not: so the server passes when one of two
+# steady rounds keeps less than the bound. A leak of 256 bytes per call adds 10 MiB a round, one
+# of 1 KiB 40 MiB, in both rounds.
 LEAK_BYTES_PER_CALL = 256
+STEADY_ROUNDS = 2
 
 
 @pytest.fixture
@@ -51,17 +55,21 @@ def soak(server: Server, *length: str) -> dict:
 def test_short_soak_fails_no_call_and_memory_levels_off(server: Server) -> None:
     warm = soak(server, "-z", "8s")
     assert warm["failed"] == 0
-    steady = soak(server, "-n", str(STEADY_CALLS))
-    assert steady["failed"] == 0, steady["errors"]
-    assert steady["calls"] == STEADY_CALLS
-    # What the client really kept in flight (Little's law: rate x mean latency), not what it
-    # was asked for: a bench that ran fewer calls at once would not reach this.
-    assert steady["in_flight"] >= 0.9 * IN_FLIGHT, steady
-    # Idle after the first round and idle after the second: what the second round kept.
-    kept_kib = steady["rss_kib"]["end"] - warm["rss_kib"]["end"]
-    per_call = kept_kib * 1024 / steady["calls"]
-    assert per_call < LEAK_BYTES_PER_CALL, (per_call, warm["rss_kib"], steady["rss_kib"])
-    assert steady["sampling_errors"] == []
+    idle_before = warm["rss_kib"]["end"]
+    kept = []  # bytes per call each steady round kept, idle after it against idle before it
+    for _ in range(STEADY_ROUNDS):
+        steady = soak(server, "-n", str(STEADY_CALLS))
+        assert steady["failed"] == 0, steady["errors"]
+        assert steady["calls"] == STEADY_CALLS
+        # What the client really kept in flight (Little's law: rate x mean latency), not what
+        # it was asked for: a bench that ran fewer calls at once would not reach this.
+        assert steady["in_flight"] >= 0.9 * IN_FLIGHT, steady
+        assert steady["sampling_errors"] == []
+        kept.append((steady["rss_kib"]["end"] - idle_before) * 1024 / steady["calls"])
+        idle_before = steady["rss_kib"]["end"]
+        if kept[-1] < LEAK_BYTES_PER_CALL:
+            break
+    assert min(kept) < LEAK_BYTES_PER_CALL, (kept, warm["rss_kib"], steady["rss_kib"])
     assert server.alive()
 
 
