@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -81,24 +80,6 @@ def switched(output: str) -> list[list[str]]:
 def history(lab: LabSession, index: int) -> list[dict]:
     lines = lab.ssh(lab.hosts[index], "cat /opt/greeter/history.jsonl").stdout.splitlines()
     return [json.loads(line) for line in lines]
-
-
-def push_commit(lab: LabSession, tmp: Path, message: str, edit: Callable[[Path], None]) -> str:
-    """Commit a change on top of the mirror's main in a scratch clone; push it as a branch."""
-    clone = tmp / f"clone-{time.monotonic_ns()}"
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
-    subprocess.run([*git, "clone", "--quiet", str(lab.git_mirror), str(clone)], check=True)
-    edit(clone)
-    subprocess.run([*git, "-C", str(clone), "add", "-A"], check=True)
-    subprocess.run([*git, "-C", str(clone), "commit", "--quiet", "-m", message], check=True)
-    sha = subprocess.run(
-        ["git", "-C", str(clone), "rev-parse", "HEAD"], check=True, capture_output=True, text=True
-    ).stdout.strip()
-    subprocess.run(
-        ["git", "-C", str(clone), "push", "--quiet", "origin", f"HEAD:refs/heads/t/{sha[:12]}"],
-        check=True,
-    )
-    return sha
 
 
 def patch_server(code: str) -> Callable[[Path], None]:

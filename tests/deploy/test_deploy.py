@@ -63,26 +63,6 @@ def current(lab: LabSession, host_index: int) -> str:
     return link.rsplit("/", 1)[-1][:40]
 
 
-def push_commit(lab: LabSession, tmp: Path, message: str, edit: Callable[[Path], None]) -> str:
-    """Commit a change on top of the mirror's main in a scratch clone; push it as a branch."""
-    mirror = lab.state / "git" / "greeter.git"
-    clone = tmp / f"clone-{time.monotonic_ns()}"
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
-    subprocess.run([*git, "clone", "--quiet", str(mirror), str(clone)], check=True)
-    edit(clone)
-    subprocess.run([*git, "-C", str(clone), "add", "-A"], check=True)
-    subprocess.run([*git, "-C", str(clone), "commit", "--quiet", "-m", message], check=True)
-    sha = subprocess.run(
-        ["git", "-C", str(clone), "rev-parse", "HEAD"], check=True, capture_output=True, text=True
-    ).stdout.strip()
-    branch = f"test/{sha[:12]}"
-    subprocess.run(
-        ["git", "-C", str(clone), "push", "--quiet", "origin", f"HEAD:refs/heads/{branch}"],
-        check=True,
-    )
-    return sha
-
-
 def batches(output: str) -> list[list[str]]:
     """Hosts per rollout batch, read from the switch task of each batch in the output."""
     found, collecting = [], None
@@ -306,9 +286,7 @@ def test_upgrade_under_load_fails_no_call(
 ) -> None:
     """Deployed by branch name; the branch moves once the first host serves the release, and
     the other hosts still get the commit resolved at the start (once per run)."""
-    new = push_commit(
-        fleet, tmp_path, "Upgrade marker", lambda clone: (clone / "UPGRADE").write_text("2\n")
-    )
+    new = fleet.push_commit(tmp_path, "Upgrade marker")
     branch = f"test/{new[:12]}"  # push_commit's branch
     moved = subprocess.run(
         ["git", "-C", str(fleet.git_mirror), "commit-tree", f"{new}^{{tree}}", "-p", new,
@@ -355,7 +333,7 @@ def test_a_release_that_fails_health_is_rolled_back_and_stops_the_rollout(
             + "    raise SystemExit('this release refuses to start')\n"
         )
 
-    bad = push_commit(fleet, tmp_path, "Break the server", break_server)
+    bad = fleet.push_commit(tmp_path, "Break the server", break_server)
     result = fleet.playbook(
         "playbooks/deploy.yml", "-e", f"greeter_version={bad}", "-e", "greeter_verify_timeout=5",
         check=False,
@@ -388,9 +366,7 @@ def test_rollback_returns_the_fleet_to_the_previous_release(
 def test_a_host_lost_mid_rollout_stops_it_and_the_switched_hosts_go_back(
     fleet: LabSession, tmp_path: Path
 ) -> None:
-    new = push_commit(
-        fleet, tmp_path, "Another release", lambda clone: (clone / "UPGRADE").write_text("3\n")
-    )
+    new = fleet.push_commit(tmp_path, "Another release")
     veth = json.loads((fleet.state / "lab.json").read_text())["hosts"][2]["veth"]
     # A dead peer must be noticed in seconds, not after TCP's retransmission timeout.
     env = with_ssh_options(fleet.env, "-o", "ServerAliveInterval=2", "-o", "ServerAliveCountMax=2")

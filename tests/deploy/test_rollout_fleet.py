@@ -25,7 +25,6 @@ from rollout_support import (
     history,
     lab_commit,
     patch_server,
-    push_commit,
     quick_loss_env,
     release,
     releases,
@@ -101,7 +100,7 @@ def test_a_host_unreachable_while_preparing_stops_every_host_before_any_switch(
     fleet: LabSession, tmp_path: Path
 ) -> None:
     before = releases(fleet)
-    new = push_commit(fleet, tmp_path, "Upgrade", lambda c: (c / "UPGRADE").write_text("1\n"))
+    new = fleet.push_commit(tmp_path, "Upgrade")
     PREPARED["commit"] = new  # built on greeter-1 and greeter-2 by this run: the next test's
     link = veth(fleet, 2)
     subprocess.run(["ip", "link", "set", link, "down"], check=True)
@@ -156,7 +155,7 @@ def test_a_host_lost_in_a_batch_of_2_stops_the_rollout_after_that_batch(
     fleet: LabSession, tmp_path: Path
 ) -> None:
     before = releases(fleet)
-    new = push_commit(fleet, tmp_path, "Upgrade", lambda c: (c / "UPGRADE").write_text("2\n"))
+    new = fleet.push_commit(tmp_path, "Upgrade, a second time")
     link = veth(fleet, 1)
     args = ["ansible-playbook", "playbooks/deploy.yml", "-e", f"greeter_version={new}",
             "-e", '{"greeter_serial": [2, 1]}']  # fmt: skip
@@ -193,7 +192,7 @@ def test_a_second_batch_failing_puts_the_first_back_unless_told_to_keep_it(
 ) -> None:
     before = releases(fleet)
     served = serves(fleet)[0]
-    picky = push_commit(fleet, tmp_path, "greeter-1 only", patch_server(STARTS_ON_GREETER_1_ONLY))
+    picky = fleet.push_commit(tmp_path, "greeter-1 only", patch_server(STARTS_ON_GREETER_1_ONLY))
     args = ("-e", f"greeter_version={picky}", "-e", '{"greeter_serial": [1, 2]}',
             "-e", "greeter_verify_timeout=5")  # fmt: skip
     result = deploy(fleet, *args, check=False)

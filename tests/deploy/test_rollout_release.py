@@ -21,7 +21,6 @@ from rollout_support import (
     lab_commit,
     patch_server,
     probe,
-    push_commit,
     release,
     releases,
     served_releases,
@@ -51,7 +50,7 @@ def pair(extra_lab: Callable[[str, int], LabSession]) -> LabSession:
 def test_a_first_release_that_cannot_start_says_there_is_nothing_to_return_to(
     pair: LabSession, tmp_path: Path
 ) -> None:
-    broken = push_commit(pair, tmp_path, "Refuse to start", patch_server(REFUSES_TO_START))
+    broken = pair.push_commit(tmp_path, "Refuse to start", patch_server(REFUSES_TO_START))
     result = deploy(pair, "-e", f"greeter_version={broken}", "-e", "greeter_verify_timeout=5",
                     check=False)  # fmt: skip
     out = text(result)
@@ -117,7 +116,7 @@ def test_a_new_commit_failing_under_new_config_returns_to_the_old_code_and_old_c
     pair: LabSession, tmp_path: Path
 ) -> None:
     before = releases(pair)
-    broken = push_commit(pair, tmp_path, "Refuse to start", patch_server(REFUSES_TO_START))
+    broken = pair.push_commit(tmp_path, "Refuse to start", patch_server(REFUSES_TO_START))
     result = deploy(pair, "-e", f"greeter_version={broken}", "-e", "greeter_log_level=debug",
                     "-e", "greeter_verify_timeout=5", check=False)  # fmt: skip
     assert result.returncode != 0
@@ -136,7 +135,7 @@ def test_a_release_that_dies_3_s_after_it_first_serves_is_caught_in_its_batch(
     pair: LabSession, tmp_path: Path
 ) -> None:
     before = releases(pair)
-    dying = push_commit(pair, tmp_path, "Die 3 s after serving", patch_server(DIES_AFTER_3_S))
+    dying = pair.push_commit(tmp_path, "Die 3 s after serving", patch_server(DIES_AFTER_3_S))
     result = deploy(pair, "-e", f"greeter_version={dying}", check=False)
     out = text(result)
     assert result.returncode != 0

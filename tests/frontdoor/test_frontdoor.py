@@ -113,28 +113,6 @@ class PlainClient:
         return self.report["failures"]
 
 
-def push_commit(
-    lab: LabSession, tmp: Path, message: str, edit: Callable[[Path], None] | None = None
-) -> str:
-    """A new commit on top of the mirror's main (a marker file, and `edit`), pushed as a branch."""
-    clone = tmp / f"clone-{time.monotonic_ns()}"
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
-    subprocess.run([*git, "clone", "--quiet", str(lab.git_mirror), str(clone)], check=True)
-    (clone / "UPGRADE").write_text(f"{message}\n")
-    if edit is not None:
-        edit(clone)
-    subprocess.run([*git, "-C", str(clone), "add", "-A"], check=True)
-    subprocess.run([*git, "-C", str(clone), "commit", "--quiet", "-m", message], check=True)
-    sha = subprocess.run(
-        ["git", "-C", str(clone), "rev-parse", "HEAD"], check=True, capture_output=True, text=True
-    ).stdout.strip()
-    subprocess.run(
-        ["git", "-C", str(clone), "push", "--quiet", "origin", f"HEAD:refs/heads/test/{sha[:12]}"],
-        check=True,
-    )
-    return sha
-
-
 # --- the shared fleet ----------------------------------------------------------------------------
 
 
@@ -177,7 +155,7 @@ def test_one_channel_spreads_calls_over_every_backend(fleet: LabSession) -> None
 def test_a_rolling_upgrade_fails_no_call_of_a_plain_client_or_h2load(
     fleet: LabSession, tmp_path: Path
 ) -> None:
-    new = push_commit(fleet, tmp_path, "front door upgrade")
+    new = fleet.push_commit(tmp_path, "front door upgrade")
     with PlainClient(fleet) as plain, H2load(fleet, tmp_path) as h2load:
         time.sleep(2)
         started = time.monotonic()
@@ -236,7 +214,7 @@ def test_a_host_failing_its_gate_stays_out_of_rotation_until_its_rollback_serves
         assert 'f"Olá, {nome}!"' in text
         server.write_text(text.replace('f"Olá, {nome}!"', 'f"Oi, {nome}!"'))
 
-    bad = push_commit(fleet, tmp_path, "A release with another greeting", wrong_greeting)
+    bad = fleet.push_commit(tmp_path, "A release with another greeting", wrong_greeting)
     watcher = subprocess.Popen(
         [str(REPO / "lab" / "lab"), "ssh", fleet.balancer.name,
          f"sudo python3 -c {shlex.quote(STATUS_TIMELINE)} greeter-1"],

@@ -47,20 +47,6 @@ def clone(lab: LabSession, where: Path) -> Path:
     return where
 
 
-def push_commit(lab: LabSession, where: Path, message: str, edit: Callable[[Path], None]) -> str:
-    work = clone(lab, where)
-    edit(work)
-    subprocess.run([*GIT, "-C", str(work), "commit", "--quiet", "-am", message], check=True)
-    sha = subprocess.run(
-        ["git", "-C", str(work), "rev-parse", "HEAD"], check=True, capture_output=True, text=True
-    ).stdout.strip()
-    subprocess.run(
-        [*GIT, "-C", str(work), "push", "--quiet", "origin", f"HEAD:refs/heads/test/{sha[:12]}"],
-        check=True,
-    )
-    return sha
-
-
 def served_commits(lab: LabSession) -> dict[str, str]:
     targets = [f"{host.address}:50051" for host in lab.hosts]
     result = lab.run("greeter", "probe", *targets, "--json", check=False)
@@ -183,9 +169,7 @@ def test_the_deploy_job_refuses_a_tag_the_checkout_lacks(staging: LabSession) ->
 def test_a_deploy_that_succeeds_publishes_one_message(
     staging: LabSession, queue: str, tmp_path: Path
 ) -> None:
-    new = push_commit(
-        staging, tmp_path / "new", "A new release", lambda c: (c / "README.md").write_text("x\n")
-    )
+    new = staging.push_commit(tmp_path, "A new release")
 
     staging.playbook("playbooks/deploy.yml", "-e", f"greeter_version={new}")
 
@@ -213,7 +197,7 @@ def test_a_deploy_whose_gate_fails_publishes_one_message_failed_and_rolled_back(
             "    raise SystemExit('this release refuses to start')\n"
         )
 
-    bad = push_commit(staging, tmp_path / "bad", "Break the server", break_server)
+    bad = staging.push_commit(tmp_path, "Break the server", break_server)
     result = staging.playbook(
         "playbooks/deploy.yml",
         "-e",

@@ -6,6 +6,8 @@ import json
 import os
 import shlex
 import subprocess
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +57,31 @@ class LabSession:
     def git_mirror(self) -> Path:
         """The bare repository served as git://<bridge>/greeter.git: push test commits here."""
         return Path(self.env["LAB_GIT_MIRROR"])
+
+    def push_commit(
+        self, scratch: Path, message: str, edit: Callable[[Path], None] | None = None
+    ) -> str:
+        """A new commit on top of the mirror's main, made in a clone under `scratch` by `edit`
+        (by default a marker file, UPGRADE, holding the message) and pushed to the mirror as
+        branch test/<its first 12 hex digits>. Returns its sha."""
+        clone = scratch / f"clone-{time.monotonic_ns()}"
+        git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+        subprocess.run([*git, "clone", "--quiet", str(self.git_mirror), str(clone)], check=True)
+        if edit is None:
+            (clone / "UPGRADE").write_text(f"{message}\n")
+        else:
+            edit(clone)
+        subprocess.run([*git, "-C", str(clone), "add", "-A"], check=True)
+        subprocess.run([*git, "-C", str(clone), "commit", "--quiet", "-m", message], check=True)
+        sha = subprocess.run(
+            [*git, "-C", str(clone), "rev-parse", "HEAD"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        branch = f"HEAD:refs/heads/test/{sha[:12]}"
+        subprocess.run([*git, "-C", str(clone), "push", "--quiet", "origin", branch], check=True)
+        return sha
 
     def run(
         self,
