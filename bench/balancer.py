@@ -349,8 +349,9 @@ def table(s: dict, cfg: Config) -> str:
             "call behind the balancer vs direct "
             f"{fmt_range(e['backend_cpu_per_call_behind_vs_direct'])}, HAProxy's against the "
             f"backend's direct {fmt_range(e['balancer_vs_direct_backend_cpu_per_call'])}"
-            f"; p50 added {fmt_range(e['p50_added_ms'], 2, ' ms')}; connections HAProxy opened "
-            f"to the backend {fmt_range(e['backend_connections_opened'], 0, '')} (h2load opened "
+            f"; p50 added {fmt_range(e['p50_added_ms'], 2, ' ms')}; new connections HAProxy "
+            f"opened to the backend during the measurement (it keeps the warm-up's) "
+            f"{fmt_range(e['backend_connections_opened'], 0, '')} (h2load opened "
             f"{LEVELS[level][0]} to it)"
         )
     extra.append(
