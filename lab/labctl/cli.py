@@ -51,7 +51,6 @@ from .image import ensure_image
 from .inventory import environment, write_inventory
 from .network import (
     check_route,
-    choose_port,
     choose_subnet,
     make_host_network,
     make_network,
@@ -102,7 +101,6 @@ def new_lab(name: str, count: int, balancer: bool) -> Lab:
         subnet=str(subnet),
         bridge=f"gl-{sid}",
         bridge_address=str(addresses[0]),
-        emulator_port=choose_port(name),
         stack=stack,
         hosts=hosts,
         balancer=front if balancer else None,
@@ -156,7 +154,6 @@ def cmd_up(count: int, balancer: bool = False) -> None:
         refresh_mirror(lab)
         start_services(lab)
         write_inventory(lab)
-        wait_port("127.0.0.1", lab.emulator_port, 60, "the AWS emulator")
         servers = {APT_PORT: "apt-cacher-ng", GIT_PORT: "git daemon", WHEEL_PORT: "wheel server"}
         for port, what in servers.items():
             wait_port(lab.bridge_address, port, 10, what)

@@ -46,20 +46,6 @@ def choose_subnet(name: str) -> ipaddress.IPv4Network:
     raise LabError(f"no free lab subnet: {wanted or '10.213.x.0/24'} overlaps a network in use")
 
 
-def choose_port(name: str) -> int:
-    """A loopback TCP port for the emulator, derived from the lab name, that is free now."""
-    first = zlib.crc32(name.encode()) % 1000
-    for i in range(1000):
-        port = 45000 + (first + i) % 1000
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise LabError("no free loopback port in 45000-45999 for the emulator")
-
-
 def check_route(address: str, bridge: str) -> None:
     """Refuse to talk to an address unless the machine routes it through the lab's own bridge."""
     out = run("ip", "-j", "route", "get", address, capture_output=True).stdout

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .common import (
     APT_PORT,
@@ -117,14 +119,47 @@ def apt_proxy_config(lab: Lab) -> Path:
     return conf
 
 
+# From spawning to answering: moto's import plus its own check over HTTP take seconds, longer on a
+# machine busy building an image (the emulator's log says which step a slow start was in).
+EMULATOR_READY_SECONDS = 180
+
+
+def start_emulator(lab: Lab) -> None:
+    """The emulator on a loopback port the kernel picks as it binds, saved as lab.emulator_port.
+
+    A port chosen before the server binds it can be taken meanwhile (an outgoing loopback
+    connection may get it as its ephemeral port), and the emulator would exit; port 0 cannot
+    collide. The emulator writes its endpoint to a ready file once it answers over HTTP."""
+    ready = lab.state / "emulator.url"
+    ready.unlink(missing_ok=True)
+    logfile = lab.state / "logs" / "emulator.log"
+    command = [str(VENV_BIN / "python"), str(EMULATOR), "--port", "0", "--ready-file", str(ready)]
+    spawn(lab, "emulator", command, logfile)
+    deadline = time.monotonic() + EMULATOR_READY_SECONDS
+    while not ready.exists():
+        if not alive(lab.processes["emulator"]):
+            tail = "\n".join(logfile.read_text(errors="replace").splitlines()[-15:])
+            raise LabError(f"the AWS emulator exited before it answered; {logfile} ends:\n{tail}")
+        if time.monotonic() > deadline:
+            raise LabError(
+                f"the AWS emulator did not answer within {EMULATOR_READY_SECONDS}s; see {logfile}"
+            )
+        time.sleep(0.1)
+    port = urlsplit(ready.read_text().strip()).port
+    if port is None:
+        raise LabError(f"the AWS emulator wrote no port to {ready}")
+    lab.emulator_port = port
+    lab.save()
+
+
 def start_services(lab: Lab) -> None:
-    """The emulator on loopback; the apt proxy, git daemon and wheel server on the bridge only."""
+    """The emulator on loopback (first: the launcher reads its port); the apt proxy, git daemon
+    and wheel server on the bridge only."""
+    if not alive(lab.processes.get("emulator")):
+        start_emulator(lab)
     b = lab.bridge_address
     git_root = str(lab.state / "git")
     commands = {
-        "emulator": lambda: [
-            str(VENV_BIN / "python"), str(EMULATOR), "--port", str(lab.emulator_port),
-        ],
         "launcher": lambda: [str(VENV_BIN / "python"), str(LAUNCHER), lab.name],
         "apt": lambda: ["apt-cacher-ng", "-c", str(apt_proxy_config(lab)), "ForeGround=1"],
         "git": lambda: [

@@ -36,7 +36,6 @@ class Lab:
     subnet: str
     bridge: str
     bridge_address: str
-    emulator_port: int
     image: str = ""
     commit: str = ""
     stack: str = STACK  # GREETER_STACK_NAME at `up`: the stack the lab's hosts stand in for
@@ -45,6 +44,7 @@ class Lab:
     hosts: list[Host] = field(default_factory=list)  # the backends, <stack>-1 .. <stack>-N
     balancer: Host | None = None  # the stack's balancer instance <stack>-lb (`up --balancer`)
     processes: dict[str, list[int]] = field(default_factory=dict)  # role -> [pid, start time]
+    emulator_port: int = 0  # the loopback port the emulator bound (0 until it answers)
 
     @property
     def machines(self) -> list[Host]:

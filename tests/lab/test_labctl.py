@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import ipaddress
 import json
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "lab"))  # the lab's package, standard library only
 
-from labctl import common, network  # noqa: E402 - after the path above
+from labctl import common, network, services, state  # noqa: E402 - after the path above
 
 
 def test_an_address_that_does_not_leave_through_the_lab_bridge_is_refused() -> None:
@@ -66,3 +67,36 @@ def test_lab_names_of_letters_digits_and_dashes_are_accepted(
 ) -> None:
     monkeypatch.setenv("LAB_NAME", good)
     assert common.lab_name() == good
+
+
+def lab_in(root: Path, monkeypatch: pytest.MonkeyPatch) -> state.Lab:
+    monkeypatch.setattr(state, "LAB_ROOT", root)
+    return state.Lab(name="emu", subnet="10.213.250.0/24", bridge="gl-emu", bridge_address="")
+
+
+def test_the_emulator_binds_a_port_the_kernel_picks_and_the_lab_records_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No port is chosen ahead of the bind (another socket could take it meanwhile: CI saw a lab
+    wait out its emulator); the lab reads the bound port from the emulator's ready file."""
+    lab = lab_in(tmp_path, monkeypatch)
+    services.start_emulator(lab)
+    try:
+        assert lab.emulator_port > 0
+        assert state.Lab.load("emu").emulator_port == lab.emulator_port
+        conn = http.client.HTTPConnection("127.0.0.1", lab.emulator_port, timeout=10)
+        conn.request("GET", "/moto-api/")
+        assert conn.getresponse().status == 200
+    finally:
+        state.stop([lab.processes["emulator"]])
+
+
+def test_an_emulator_that_exits_fails_the_lab_at_once_with_its_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broken = tmp_path / "broken.py"
+    broken.write_text("import sys\nsys.exit('emulator: cannot bind 127.0.0.1:0: no ports')\n")
+    monkeypatch.setattr(services, "EMULATOR", broken)
+    lab = lab_in(tmp_path, monkeypatch)
+    with pytest.raises(common.LabError, match=r"exited before it answered(?s:.)*cannot bind"):
+        services.start_emulator(lab)
