@@ -366,6 +366,30 @@ def test_a_host_removed_from_the_stack_leaves_the_balancer_and_one_added_joins_t
     wait_all_up(fleet, BACKENDS)
 
 
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        ("greeter_lb_port=70000", "greeter_lb_port and greeter_lb_backend_port must be within"),
+        ("greeter_tls_enabled=true", "greeter-1, greeter-2, greeter-3 serve(s) TLS only"),
+    ],
+)
+def test_bad_input_stops_the_balancer_play_before_haproxy_changes(
+    fleet: LabSession, extra: str, said: str
+) -> None:
+    """A wrong value, or backends that would serve TLS only (which the balancer's cleartext calls
+    and checks cannot pass), fail the balancer's preflight: HAProxy's files stay as they were and
+    the front door keeps answering."""
+    files = "sudo sha1sum /etc/haproxy/haproxy.cfg /etc/systemd/system/haproxy.service.d/*"
+    before = fleet.ssh(fleet.balancer.name, files).stdout
+    result = fleet.playbook("playbooks/balancer.yml", "-e", extra, check=False)
+    assert result.returncode == 2, result.stdout[-3000:]
+    assert said in result.stdout and "Nothing was changed" in result.stdout, result.stdout[-3000:]
+    assert recap(result.stdout)["greeter-lb"]["changed"] == 0
+    assert fleet.ssh(fleet.balancer.name, files).stdout == before
+    hello = fleet.run("greeter", "hello", fleet.balancer.address, "Teste")
+    assert hello.stdout.strip() == "Olá, Teste!"
+
+
 def test_a_rerun_changes_nothing_on_the_hosts_or_the_balancer(fleet: LabSession) -> None:
     started = time.monotonic()
     result = fleet.playbook("site.yml")
