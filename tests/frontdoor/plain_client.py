@@ -2,6 +2,7 @@
 
     python plain_client.py TARGET THREADS            # SayHello in a loop until SIGTERM
     python plain_client.py TARGET THREADS --calls N  # N GetVersion calls, then stop
+    python plain_client.py ... --ca CA.pem           # the same over TLS, trusting that CA
 
 Each thread keeps one call in flight on the shared channel. Prints one JSON object: calls that
 succeeded, the failed ones ([started, ended, code, details], wall-clock seconds) and, for
@@ -29,8 +30,15 @@ def main() -> None:
     parser.add_argument("target")
     parser.add_argument("threads", type=int)
     parser.add_argument("--calls", type=int, default=0)
+    parser.add_argument("--ca", help="call over TLS, trusting this PEM CA (nothing else set)")
     args = parser.parse_args()
-    channel = grpc.insecure_channel(args.target, options=[("grpc.enable_retries", 0)])
+    options = [("grpc.enable_retries", 0)]
+    if args.ca:
+        with open(args.ca, "rb") as ca:
+            credentials = grpc.ssl_channel_credentials(ca.read())
+        channel = grpc.secure_channel(args.target, credentials, options=options)
+    else:
+        channel = grpc.insecure_channel(args.target, options=options)
     stub = pb_grpc.GreeterStub(channel)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

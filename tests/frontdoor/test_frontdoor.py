@@ -390,6 +390,58 @@ def test_bad_input_stops_the_balancer_play_before_haproxy_changes(
     assert hello.stdout.strip() == "Olá, Teste!"
 
 
+def test_tls_at_the_front_door_serves_a_plain_client_and_turns_off_again(
+    fleet: LabSession, tmp_path: Path
+) -> None:
+    """greeter_lb_tls_enabled: a plain client that knows only the CA (one secure channel, no
+    retries) gets every call answered, spread over every backend; a cleartext call is refused;
+    the probe calls the front door over TLS; a rerun changes nothing. Turned off, the front door
+    speaks cleartext again and the key leaves the host."""
+    lb = fleet.balancer
+    pki = tmp_path / "pki"
+    python = str(REPO / ".venv" / "bin" / "python")
+    fleet.run(python, "lab/tls.py", "--dir", str(pki), "--san", lb.address, "--san", lb.name)
+    tls = {
+        "greeter_lb_tls_enabled": True,
+        "greeter_lb_tls_cert_src": str(pki / "server.pem"),
+        "greeter_lb_tls_key_src": str(pki / "server.key"),
+        "greeter_lb_tls_ca_src": str(pki / "ca.pem"),
+    }
+    # A key that is not the certificate's fails the preflight: nothing reaches the host, and the
+    # front door goes on serving as before.
+    wrong = json.dumps({**tls, "greeter_lb_tls_key_src": str(pki / "client.key")})
+    refused = fleet.playbook("playbooks/balancer.yml", "-e", wrong, check=False)
+    assert refused.returncode == 2, refused.stdout[-3000:]
+    assert "is not the unencrypted PEM private key" in refused.stdout
+    assert recap(refused.stdout)["greeter-lb"]["changed"] == 0
+    pem = "sudo test -e /etc/haproxy/greeter-lb.pem"
+    assert fleet.ssh(lb.name, pem, check=False).returncode == 1
+    assert fleet.run("greeter", "hello", lb.address, "x").stdout.strip() == "Olá, x!"
+
+    tls = json.dumps(tls)
+    on = fleet.playbook("playbooks/balancer.yml", "-e", tls)
+    assert recap(on.stdout)["greeter-lb"]["changed"] > 0
+    key = "sudo stat -c '%a %U' /etc/haproxy/greeter-lb.pem"
+    assert fleet.ssh(lb.name, key).stdout.split() == ["600", "root"]
+
+    args = [sys.executable, str(PLAIN_CLIENT), front(fleet), "8", "--calls", "600"]
+    report = json.loads(fleet.run(*args, "--ca", str(pki / "ca.pem")).stdout)
+    assert report["failures"] == [] and report["ok"] == 600, report
+    assert sorted(report["answered"]) == BACKENDS
+    clear = fleet.run("greeter", "hello", lb.address, "x", "--deadline", "3", check=False)
+    assert clear.returncode == 3, clear.stdout + clear.stderr
+
+    probe = fleet.playbook("playbooks/probe.yml", "-e", tls)
+    assert re.search(rf"{re.escape(front(fleet))}\s+yes\s+SERVING.*front-door", probe.stdout)
+    again = fleet.playbook("playbooks/balancer.yml", "-e", tls)
+    assert recap(again.stdout)["greeter-lb"]["changed"] == 0
+
+    off = fleet.playbook("playbooks/balancer.yml")
+    assert recap(off.stdout)["greeter-lb"]["changed"] > 0
+    assert fleet.run("greeter", "hello", lb.address, "x").stdout.strip() == "Olá, x!"
+    assert fleet.ssh(lb.name, pem, check=False).returncode == 1
+
+
 def test_a_rerun_changes_nothing_on_the_hosts_or_the_balancer(fleet: LabSession) -> None:
     started = time.monotonic()
     result = fleet.playbook("site.yml")

@@ -133,3 +133,23 @@ def test_client_tls_files_must_be_readable(pki):
     assert result.returncode == 2
     assert "--ca" in result.stderr
     assert "cannot read" in result.stderr
+
+
+def test_probe_calls_a_tls_front_door_with_its_own_ca_and_cleartext_backends(server_factory, pki):
+    """A balancer terminating TLS before cleartext backends: --balancer-ca (and its server name)
+    are the front door's, the other TLS options the backends'."""
+    front = server_factory(*tls_flags(pki, "named"))
+    backend = server_factory("--workers", "1")
+    ca, name = ["--balancer-ca", str(pki / "ca.pem")], ["--balancer-server-name", "greeter.test"]
+    probe = run_client("probe", backend.target, "--balancer", front.target, *ca, *name, "--json")
+    assert probe.returncode == 0, probe.stdout + probe.stderr
+    rows = json.loads(probe.stdout)
+    assert [(r["balancer"], r["ok"]) for r in rows] == [("front-door", True), ("", True)]
+    # The same front door without its CA (cleartext) or with the wrong name fails its row only.
+    for flags in ([], [*ca]):
+        failed = json.loads(
+            run_client("probe", backend.target, "--balancer", front.target, *flags, "--json").stdout
+        )
+        assert [(r["balancer"], r["ok"]) for r in failed] == [("front-door", False), ("", True)]
+    unused = run_client("probe", backend.target, *ca)
+    assert (unused.returncode, "--balancer-ca needs --balancer" in unused.stderr) == (2, True)

@@ -63,6 +63,27 @@ def greeter_lb_drift(wanted: dict[str, dict], actual: dict[str, dict]) -> list[s
     ]
 
 
+def greeter_lb_tls_key_matches(cert_pem: str, key_pem: str) -> bool:
+    """Whether key_pem is the (unencrypted) private key of cert_pem's first certificate.
+
+    On the controller, with the cryptography package ansible-core itself requires: a wrong pair
+    fails the preflight instead of HAProxy's check, after the file was already on the host."""
+    from cryptography import x509  # noqa: PLC0415 - only when TLS is on
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+
+    def spki(key: object) -> bytes:
+        return key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem.encode())
+        key = serialization.load_pem_private_key(key_pem.encode(), password=None)
+    except (ValueError, TypeError):
+        return False
+    return spki(cert.public_key()) == spki(key.public_key())
+
+
 class FilterModule:
     """Ansible's entry point for filter plugins."""
 
@@ -70,4 +91,5 @@ class FilterModule:
         return {
             "greeter_lb_grpc_health_check": greeter_lb_grpc_health_check,
             "greeter_lb_drift": greeter_lb_drift,
+            "greeter_lb_tls_key_matches": greeter_lb_tls_key_matches,
         }

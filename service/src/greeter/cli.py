@@ -111,6 +111,15 @@ def _parser() -> argparse.ArgumentParser:
         "--balancer", type=target, metavar="TARGET", help="the front door: probed first, marked so"
     )
     check.add_argument(
+        "--balancer-ca",
+        metavar="FILE",
+        help="call the front door over TLS, verified with this PEM CA bundle (the TLS options "
+        "above are the backends')",
+    )
+    check.add_argument(
+        "--balancer-server-name", metavar="NAME", help="name to verify the front door's cert for"
+    )
+    check.add_argument(
         "--backend-state",
         type=backend_state,
         action="append",
@@ -165,9 +174,15 @@ def cmd_hello(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    front = [args.balancer] if args.balancer else []
+    if args.balancer_ca and not args.balancer:
+        raise UsageError("--balancer-ca needs --balancer")
+    if args.balancer_server_name and not args.balancer_ca:
+        raise UsageError("--balancer-server-name needs --balancer-ca")
+    front_tls = Tls(ca=args.balancer_ca, server_name=args.balancer_server_name)
+    front = [(args.balancer, front_tls)] if args.balancer else []
+    tls = _tls(args)
     results = probe.probe_all(
-        [*front, *args.targets], _tls(args), args.deadline, args.expect_commit
+        [*front, *((t, tls) for t in args.targets)], args.deadline, args.expect_commit
     )
     if args.balancer or args.backend_state:
         states = dict(args.backend_state)

@@ -120,11 +120,11 @@ def _same_commit(actual: str, expected: str) -> bool:
 
 
 def probe_all(
-    targets: Sequence[Target], tls: Tls, deadline: float, expect_commit: str | None = None
+    targets: Sequence[tuple[Target, Tls]], deadline: float, expect_commit: str | None = None
 ) -> list[ProbeResult]:
-    """Probe every target in parallel; results keep the targets' order."""
+    """Probe every (target, its TLS settings) in parallel; results keep the targets' order."""
     with futures.ThreadPoolExecutor(max_workers=min(32, len(targets))) as pool:
-        jobs = [pool.submit(probe_one, t, tls, deadline, expect_commit) for t in targets]
+        jobs = [pool.submit(probe_one, t, tls, deadline, expect_commit) for t, tls in targets]
         return [job.result() for job in jobs]
 
 
