@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
+from support import workflows
 
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = REPO / ".github" / "workflows"
@@ -69,3 +73,88 @@ def test_the_probe_workflow_publishes_on_a_schedule() -> None:
     workflow = load("probe.yml")
     assert workflow[True]["schedule"] == [{"cron": "*/5 * * * *"}]
     assert [s["run"] for s in steps(workflow) if "run" in s] == ["make venv", ".ci/probe"]
+
+
+# The harness that runs the workflows' jobs on the lab (tests/dayone) must refuse what it cannot
+# run here, or a workflow step would pass untested.
+def harness_job(steps: list[dict]) -> dict:
+    return {"jobs": {"only": {"runs-on": "lab", "steps": steps}}}
+
+
+def harness_runner(tmp_path: Path) -> workflows.Runner:
+    return workflows.Runner(
+        work=tmp_path, base_env=dict(os.environ), labels={"lab"}, clone_source=str(REPO)
+    )
+
+
+HEAD = subprocess.run(
+    ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+).stdout.strip()
+GITHUB = workflows.Contexts(github={"ref_name": "main", "sha": HEAD})
+
+
+@pytest.mark.parametrize(
+    ("step", "refusal"),
+    [
+        ({"uses": "actions/checkout@v5"}, "pinned by commit SHA"),
+        ({"uses": f"actions/cache@{'0' * 40}"}, "no local equivalent for action actions/cache"),
+        (
+            {"uses": f"actions/setup-python@{'0' * 40}", "with": {"python-version": "3.99"}},
+            "setup-python asks for 3.99",
+        ),
+        (
+            {"uses": f"actions/checkout@{'0' * 40}", "with": {"submodules": "true"}},
+            "inputs ['submodules'] have no local equivalent",
+        ),
+        ({"run": "true"}, "runs before any checkout"),
+    ],
+)
+def test_the_workflow_harness_refuses_what_it_cannot_run_here(
+    tmp_path: Path, step: dict, refusal: str
+) -> None:
+    with pytest.raises(workflows.Unmapped, match=re.escape(refusal)):
+        harness_runner(tmp_path).run_job("only", harness_job([step]), GITHUB)
+
+
+def test_the_workflow_harness_refuses_a_setting_nobody_supplied() -> None:
+    contexts = {"vars": {"SET": "yes"}, "secrets": {}, "github": {}}
+    assert workflows.evaluate("${{ vars.SET }}", contexts) == "yes"
+    assert workflows.evaluate("${{ vars.UNSET || 'fallback' }}", contexts) == "fallback"
+    with pytest.raises(workflows.Unmapped, match=r"vars\.UNSET is not supplied"):
+        workflows.evaluate("x ${{ vars.UNSET }}", contexts)
+    with pytest.raises(workflows.Unmapped, match=r"secrets\.KEY is not supplied"):
+        workflows.evaluate("${{ secrets.KEY }}", contexts)
+    with pytest.raises(workflows.Unmapped, match="beyond this harness"):
+        workflows.evaluate("${{ format('{0}', vars.SET) }}", contexts)
+
+
+def test_the_ci_workflow_runs_the_command_that_runs_this_suite(tmp_path: Path) -> None:
+    """ci.yml's one command is .ci/run, which runs the README's test command, `make test`: the
+    command running this very suite, so it cannot run again inside it. Its actions map to the
+    fresh clone and this machine's Python like the other workflows' do."""
+    workflow = workflows.load(WORKFLOWS / "ci.yml")
+    [job] = workflow["jobs"].values()
+    assert [s["run"] for s in job["steps"] if "run" in s] == ["sudo --preserve-env=PATH .ci/run"]
+    assert (REPO / ".ci" / "run").read_text().rstrip().endswith("\nexec make test")
+    runner = workflows.Runner(
+        work=tmp_path, base_env=dict(os.environ), labels={job["runs-on"]}, clone_source=str(REPO)
+    )
+    ctx = GITHUB.for_job(job)
+    checkout = None
+    for index, step in enumerate(s for s in job["steps"] if "uses" in s):
+        checkout = runner.use_action(
+            step, ctx, roles={}, env={}, checkout=checkout, slot=str(index)
+        )
+    assert checkout is not None
+    assert (checkout / ".ci" / "run").is_file()
+
+
+def test_the_deploy_and_probe_jobs_run_only_on_a_self_hosted_runner() -> None:
+    """The hosts' SSH is open only to the admin CIDR: the jobs that log in to them run on the
+    self-hosted runner RUNNER_LABEL names (inside it), never on GitHub's hosted runners."""
+    contexts = {"vars": {}, "secrets": {}, "github": {}}
+    for name in ("deploy.yml", "probe.yml"):
+        for job in load(name)["jobs"].values():
+            assert workflows.evaluate(job["runs-on"], contexts) == "self-hosted"
+            label = workflows.evaluate(job["runs-on"], {**contexts, "vars": {"RUNNER_LABEL": "x"}})
+            assert label == "x"

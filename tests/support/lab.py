@@ -156,6 +156,7 @@ def start_lab(
     balancer: bool = False,
     busy_boot: float | None = None,
     distro: str | None = None,
+    region: str | None = None,
     provision: bool = True,
 ) -> LabSession:
     """Bring a lab up from scratch (a leftover lab of that name is taken down first).
@@ -166,7 +167,8 @@ def start_lab(
     it the lab's stack has none (greeter_stack_balancer: false), which spares every suite that
     does not test the front door a host's boot time and memory. `busy_boot`: LAB_BUSY_BOOT, the
     seconds dpkg stays locked after a host's first boot (the lab's default, about a minute, when
-    None). `distro`: LAB_DISTRO (bookworm when None)."""
+    None). `distro`: LAB_DISTRO (bookworm when None). `region`: LAB_REGION, the AWS region the
+    lab's hosts stand in for (the lab's default when None)."""
     subprocess.run([str(REPO / "lab" / "host-deps")], check=True, timeout=900)
     lab_command(name, "down")
     settings = {}
@@ -174,6 +176,8 @@ def start_lab(
         settings["LAB_BUSY_BOOT"] = f"{busy_boot:g}"
     if distro is not None:
         settings["LAB_DISTRO"] = distro
+    if region is not None:
+        settings["LAB_REGION"] = region
     up = lab_command(name, "up", str(count), *(["--balancer"] if balancer else []), env=settings)
     if up.returncode != 0:
         lab_command(name, "down")
