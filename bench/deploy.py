@@ -9,7 +9,7 @@ borrows another's open connections.
 
 The no-op rerun of 3 hosts has a second baseline: ``bench/conventional/deploy.yml``, the same
 service deployed by a role written the usual way (one module call per step: apt, user, git, venv,
-pip, protoc, unit, service, a probe), under Ansible's defaults, on the same hosts (its own paths,
+pip, the package (whose build compiles the protos), unit, service, a probe), under Ansible's defaults, on the same hosts (its own paths,
 user, unit and port 50052). It is the shape issue 6 calibrated its targets on, and it shows what
 the project's one-call state read buys, which the settings-only baseline cannot: that baseline
 runs the same one-call role.
