@@ -8,6 +8,7 @@ build does (service/build_backend/compile_protos.py). Before it did, ``make venv
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -154,3 +155,31 @@ def test_a_new_venv_with_build_isolation_serves_and_greets(
     # The editable install imports from the clone, the other from the venv's site-packages.
     assert module.is_relative_to(service if editable else new_venv.parent), module
     assert greeting("Teste") == "Olá, Teste!"
+
+
+def make(clone: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["make", "--no-print-directory", "-C", clone, *args],
+        check=False, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_make_venv_is_light_and_nothing_needs_make_protos(tmp_path: Path) -> None:
+    """``make venv`` installs requirements.txt alone (what the playbooks need); no target runs
+    compile.py to make imports work (the package build does); a proto edit reinstalls."""
+    clone = fresh_clone(tmp_path / "clone").parent
+    venv = make(clone, "-n", "venv").stdout
+    assert "-r requirements.txt" in venv and "requirements-dev" not in venv, venv
+    for target in ("lint", "test", "demo", "lab-up", "bench"):
+        dry = make(clone, "-n", target).stdout
+        assert "-r requirements-dev.txt" in dry and "compile.py" not in dry, (target, dry)
+
+    (clone / ".venv").mkdir()
+    (clone / ".venv" / ".installed").touch()  # as if `make venv` had just run
+    assert make(clone, "-q", "venv").returncode == 0
+    for source in ("protos/hello.proto", "protos/compile.py"):
+        later = (clone / ".venv" / ".installed").stat().st_mtime + 10
+        os.utime(clone / source, (later, later))
+        assert make(clone, "-q", "venv").returncode == 1, f"editing {source} must reinstall"
+        (clone / ".venv" / ".installed").touch()
+        os.utime(clone / ".venv" / ".installed", (later + 1, later + 1))
