@@ -10,24 +10,35 @@ N ?= 3
 # Nothing here may fall back to the EC2 metadata address when no AWS credentials are set.
 export AWS_EC2_METADATA_DISABLED := true
 
-.PHONY: help venv protos host-deps lint test demo demo-down lab-up lab-down bench clean
+.PHONY: help venv dev protos host-deps lint test demo demo-down lab-up lab-down bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
 
-venv: $(VENV)/.installed ## create or update the controller virtualenv
-$(VENV)/.installed: requirements.txt requirements-dev.txt service/requirements.txt service/pyproject.toml
+# `make venv` is what running the playbooks needs (requirements.txt: ansible, boto3, the greeter
+# package), nothing more; `make dev` adds the test, lint and benchmark tools. Installing the
+# package compiles the protos (service/build_backend), so a changed proto or compile.py
+# reinstalls it.
+venv: $(VENV)/.installed ## create or update the controller virtualenv (what the playbooks need)
+$(VENV)/.installed: requirements.txt service/pyproject.toml service/build_backend/compile_protos.py \
+    $(wildcard protos/*.proto) protos/compile.py
 	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+# Order-only on the venv: a proto edit reinstalls the package once (above), not twice.
+dev: $(VENV)/.dev-installed ## add the test, lint and benchmark tools to the virtualenv
+$(VENV)/.dev-installed: requirements-dev.txt service/requirements.txt | $(VENV)/.installed
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
-protos: venv ## compile protos/*.proto into the greeter package (the one proto command)
+protos: dev ## recompile protos/*.proto into the editable install (installing the package does it too)
 	$(PY) protos/compile.py
 
 host-deps: ## install the machine packages the lab and benchmarks use (Debian, as root)
 	lab/host-deps
 
-lint: venv protos ## ruff, yamllint, ansible-lint (production profile), cfn-lint, checkov, actionlint
+lint: dev ## ruff, yamllint, ansible-lint (production profile), cfn-lint, checkov, actionlint
 	ruff check .
 	ruff format --check .
 	yamllint --strict .
@@ -41,19 +52,19 @@ test: lint host-deps ## every lint and every test
 	# files side by side use the 2 cores that one leaves half idle. Each worker has its own labs.
 	pytest -n 2 --dist loadfile
 
-demo: venv protos host-deps ## the main job: emulated AWS + $(N) lab hosts, site.yml, probe table
+demo: dev host-deps ## the main job: emulated AWS + $(N) lab hosts, site.yml, probe table
 	lab/demo $(N)
 
 demo-down: ## stop the demo: hosts, emulator and lab servers
 	lab/lab down
 
-lab-up: venv protos host-deps ## start $(N) lab hosts
+lab-up: dev host-deps ## start $(N) lab hosts
 	lab/lab up $(N)
 
 lab-down: ## stop the lab hosts and leave nothing behind
 	lab/lab down
 
-bench: venv protos host-deps ## service, balancer and deployment benchmarks (ratios against baselines)
+bench: dev host-deps ## service, balancer and deployment benchmarks (ratios against baselines)
 	bench/run
 
 clean: lab-down ## remove the virtualenv and caches (keeps the lab image cache)

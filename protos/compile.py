@@ -1,8 +1,10 @@
 """Compile every .proto in this folder into the ``greeter`` package.
 
-This is the project's one proto command: the Makefile, the tests, the lab and the
-Ansible role all run ``python protos/compile.py`` (with an interpreter that has
-grpcio-tools). Generated code is never committed.
+This is the project's one proto command, and the greeter package's build runs it
+(service/build_backend/compile_protos.py): every ``pip install`` of ./service, editable or
+not, and so the Makefile's venv, the tests, the lab and the Ansible role, compiles with it.
+Run by hand (``python protos/compile.py``, with an interpreter that has grpcio-tools) it
+refreshes an editable install after a .proto edit. Generated code is never committed.
 
 The ``-Igreeter=protos`` mapping makes protoc emit ``from greeter import hello_pb2``
 instead of a bare top-level import, so the modules live inside the package.

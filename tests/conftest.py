@@ -27,6 +27,7 @@ __all__ = ["LabHost", "LabSession", "lab_command", "start_lab"]
 # suites' limits leave room for `lab/lab up` and, in deploy and hardening, a first deploy.
 SUITE_TIMEOUTS = {
     "service": 300,  # a server on loopback, a few seconds of load at most
+    "install": 600,  # fresh clones, a new venv and pip builds (isolated: grpcio-tools each time)
     "aws": 600,  # moto's server and up to five playbooks against it (~90 s on a quiet machine)
     "bench": 900,  # bench/run service for a round (its own limit is 600 s)
     # the session lab's `up` (3 hosts) and provision, and a few commands on the hosts; on a fresh

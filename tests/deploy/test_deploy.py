@@ -192,6 +192,12 @@ def test_site_deploys_a_fresh_fleet_that_serves_the_commit(
         assert "User=greeter" in service
         assert "Type=notify" in service
         assert "ActiveState=active" in service
+        # The package's own build compiled the stubs into the release's venv (no compile step).
+        stubs = fleet.ssh(
+            host, "/opt/greeter/current/venv/bin/python -c"
+            " 'from greeter import hello_pb2, hello_pb2_grpc; print(hello_pb2_grpc.__file__)'",
+        ).stdout  # fmt: skip
+        assert "/venv/lib/" in stubs and stubs.strip().endswith("/greeter/hello_pb2_grpc.py"), stubs
 
 
 def test_logs_shows_every_hosts_journal(fleet: LabSession) -> None:

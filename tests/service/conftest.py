@@ -8,22 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from support.net import free_port
 from support.server import CLIENT, SERVER, Server, clean_env, run_client
 
 __all__ = ["CLIENT", "SERVER", "Server", "clean_env", "free_port", "run_client"]
-
-REPO = Path(__file__).resolve().parents[2]
-
-try:
-    from greeter import hello_pb2  # noqa: F401 -- generated, not committed
-except ImportError:  # a fresh clone: run the project's one proto command
-    subprocess.run([sys.executable, str(REPO / "protos" / "compile.py")], check=True)
 
 
 @pytest.fixture

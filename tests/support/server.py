@@ -41,7 +41,8 @@ class Server:
     """A running ``greeter-server`` subprocess and the JSON lines it logged.
 
     ``Server("--workers", "2")`` starts it and waits for ``serving``; ``wait=False`` returns at
-    once (``wait_event`` later). Every stdout line must be one JSON object.
+    once (``wait_event`` later); ``executable`` runs another install's ``greeter-server``. Every
+    stdout line must be one JSON object.
     """
 
     def __init__(
@@ -50,6 +51,7 @@ class Server:
         env: dict[str, str] | None = None,
         wait: bool = True,
         port: int | None = None,
+        executable: str = SERVER,
     ) -> None:
         self.port = port or free_port()
         self.target = f"127.0.0.1:{self.port}"
@@ -57,7 +59,7 @@ class Server:
         # stderr goes to a file: a pipe nobody reads would block a chatty server.
         self._stderr = tempfile.TemporaryFile(mode="w+", prefix="greeter-server-")  # noqa: SIM115 -- lives as long as the server
         self.process = subprocess.Popen(
-            [SERVER, "--bind", "127.0.0.1", "--port", str(self.port), *args],
+            [executable, "--bind", "127.0.0.1", "--port", str(self.port), *args],
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             text=True,
