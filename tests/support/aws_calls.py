@@ -39,8 +39,6 @@ from urllib.parse import parse_qs, urlsplit
 IAM_PREFIX_OF_SIGNING_NAME = {
     "monitoring": "cloudwatch",
     "email": "ses",
-    "states": "states",
-    "execute-api": "execute-api",
 }
 
 # Permissions AWS checks for a call without the caller ever making a call of that name, so no
@@ -71,7 +69,11 @@ class Call:
 
 
 class AwsCallRecorder:
-    """moto's request recorder on the emulator at ``endpoint`` (http://127.0.0.1:PORT)."""
+    """moto's request recorder on the emulator at ``endpoint`` (http://127.0.0.1:PORT).
+
+    The recorder is one per emulator: reset and stop act for everyone recording there, so run
+    one recording at a time per emulator and tell callers apart by access key id.
+    """
 
     def __init__(self, endpoint: str, timeout: float = 30) -> None:
         self.endpoint = endpoint.rstrip("/")
