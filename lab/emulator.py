@@ -15,6 +15,11 @@ In the same process, a stack update is taught to follow Conditions (follow_condi
 so raising InstanceCount adds hosts as it does on AWS.
 
 ``--port 0`` picks a free port; the ready file and the ready line carry the endpoint URL.
+
+moto's request recorder (``POST /moto-api/recorder/start-recording``, ``stop-recording``,
+``reset-recording``, ``GET /moto-api/recorder/download-recording``: tests/support/aws_calls.py)
+is off until started, and writes to a file of this process's own, removed at exit: moto's
+default is ``moto_recording`` in the current directory, which would land in the checkout.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ import argparse
 import ipaddress
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from datetime import datetime, timezone
@@ -187,6 +194,19 @@ def main(argv: list[str] | None = None) -> int:
     # moto takes seconds to import: refuse bad arguments before paying for it.
     for name, value in MOTO_SETTINGS.items():
         os.environ.setdefault(name, value)
+    # Read when moto is imported. Created empty, so a download before any recording is empty.
+    recording_dir = Path(tempfile.mkdtemp(prefix="greeter-emulator-"))
+    recording = recording_dir / "recording.jsonl"
+    recording.touch()
+    os.environ.setdefault("MOTO_RECORDER_FILEPATH", str(recording))
+    try:
+        return serve(args)
+    finally:
+        shutil.rmtree(recording_dir, ignore_errors=True)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Start the server on the parsed arguments and run until SIGTERM or SIGINT."""
     from moto.server import ThreadedMotoServer  # noqa: PLC0415
 
     stop = threading.Event()
