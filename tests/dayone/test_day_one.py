@@ -8,10 +8,12 @@ hosts reach no GitHub). Everything else runs as the README prints it, in bash, i
 of HEAD with nothing prepared: `make venv`, the exports, `ansible-playbook site.yml`. The lab
 has the README's host count and the balancer, in the README's region.
 
-The tests run in file order and share the fleet, as a new user would: the README's deploy, the
-deploy workflow for a new tag (staging, then production), the probe workflow, the README's
-teardown, and last the IAM policies held against every AWS call those commands made (the
-emulator records each request; each caller signs with an access key id of its own).
+The tests run in file order and share the lab, as a new team would: the README's deploy and two
+of its day-to-day commands, the README's teardown; then CI takes over with a stack of its own
+making: the deploy workflow for a new tag (staging creates the stack; production, the same lab
+stack with one host less, scales it in), the probe workflow; and last the IAM policies held
+against every AWS call those commands made (the emulator records each request; each caller
+signs with an access key id of its own).
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from typing import Any
 
 import boto3
 import pytest
-from support import aws_calls, watchdog
+from support import watchdog
 from support.ansible import recap
+from support.aws_calls import AwsCallRecorder, check_policy
 from support.lab import REPO, LabSession, lab_command, start_lab
 from support.workflows import Contexts, Runner
 
@@ -43,9 +46,15 @@ WORKFLOWS = REPO / ".github" / "workflows"
 IAM = REPO / "iam"
 # What a user replaces in the README's command before running it; the lab serves the fork.
 FORK_PLACEHOLDER = "https://github.com/YOUR-ORG/YOUR-FORK.git"
+# Two of the README's day-to-day commands, run by the operator between deploy and teardown.
+DAY_TO_DAY = (
+    "ansible-playbook playbooks/alarms.yml -e greeter_alarms_email=ops@example.com",
+    ".ci/probe",
+)
 NEW_TAG = "v1.1.0"
 RUNNER_LABEL = "greeter-lab-runner"  # the self-hosted runner inside the admin CIDR: this machine
 DEPLOY_ROLE = "arn:aws:iam::123456789012:role/greeter-ci-deploy"
+STACK_ROLE = "arn:aws:iam::123456789012:role/greeter-cloudformation"
 PROBE_ROLE = "arn:aws:iam::123456789012:role/greeter-ci-probe"
 # Who calls AWS, told apart in the emulator's recording by the access key id each one signs with.
 CALLERS = {
@@ -139,6 +148,10 @@ class Account:
     @property
     def endpoint(self) -> str:
         return self.lab.env["AWS_ENDPOINT_URL"]
+
+    @property
+    def recorder(self) -> AwsCallRecorder:
+        return AwsCallRecorder(self.endpoint)
 
     def client(self, service: str) -> Any:
         return boto3.client(
@@ -236,8 +249,8 @@ def account(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Account]:
         subprocess.run(
             [*GIT, "-C", str(lab.git_mirror), "tag", readme.version, lab.commit], check=True
         )
-        aws_calls.reset(found.endpoint)
-        aws_calls.start(found.endpoint)
+        found.recorder.reset()
+        found.recorder.start()
         yield found
     finally:
         lab_command(LAB_NAME, "down")
@@ -269,6 +282,27 @@ def user_home(account: Account) -> Path:
     return home
 
 
+def run_in_readme_shell(
+    account: Account, recorded: dict[str, object], script: str, timeout: float = 900
+) -> subprocess.CompletedProcess:
+    """`script` in bash, in the README's clone, in the shell the README's deploy block left
+    (its exports), saving that shell again afterwards."""
+    shell = recorded.get("shell")
+    assert isinstance(shell, Path), "the README's deploy block did not run"
+    env = dict(line.split("=", 1) for line in shell.read_text().split("\0") if "=" in line)
+    result = watchdog.run(
+        [*BASH, f"{script}\nenv -0 > {shlex.quote(str(shell))}"],
+        timeout,
+        cwd=recorded["readme-clone"],
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-8000:]
+    return result
+
+
+BASH = ["bash", "--noprofile", "--norc", "-e", "-c"]
+
+
 def test_the_readme_real_aws_path_deploys_a_fleet_from_a_fresh_clone(
     account: Account, recorded: dict[str, object]
 ) -> None:
@@ -281,14 +315,7 @@ def test_the_readme_real_aws_path_deploys_a_fleet_from_a_fresh_clone(
     )
     shell = account.scratch / "readme-shell.env"
     result = watchdog.run(
-        [
-            "bash",
-            "--noprofile",
-            "--norc",
-            "-e",
-            "-c",
-            f"{script}\nenv -0 > {shlex.quote(str(shell))}",
-        ],
+        [*BASH, f"{script}\nenv -0 > {shlex.quote(str(shell))}"],
         1800,
         cwd=clone,
         env=account.machine_env(user_home(account)),
@@ -308,6 +335,39 @@ def test_the_readme_real_aws_path_deploys_a_fleet_from_a_fresh_clone(
     assert hello.stdout.strip() == "Olá, Teste!", hello.stdout + hello.stderr
 
 
+def test_the_readme_day_to_day_alarms_and_probe_commands_work_in_that_shell(
+    account: Account, recorded: dict[str, object]
+) -> None:
+    guide = README.read_text()
+    for command in DAY_TO_DAY:
+        words = command.split(" -e ")[0]
+        assert f"`{words}" in guide, f"the README's day-to-day table no longer shows {words!r}"
+    alarms = run_in_readme_shell(account, recorded, DAY_TO_DAY[0])
+    assert recap(alarms.stdout)["localhost"]["failed"] == 0
+    topic = f"arn:aws:sns:{account.readme.region}:123456789012:greeter-events"
+    subscriptions = account.client("sns").list_subscriptions_by_topic(TopicArn=topic)
+    assert [s["Endpoint"] for s in subscriptions["Subscriptions"]] == ["ops@example.com"]
+    probe = run_in_readme_shell(account, recorded, DAY_TO_DAY[1])
+    assert_fleet_serving(probe.stdout, account.readme.count, account.lab.commit)
+    [point] = healthy_hosts(account)
+    assert point["Maximum"] == account.readme.count
+
+
+def test_the_readme_teardown_removes_the_stack_alarms_and_topic(
+    account: Account, recorded: dict[str, object]
+) -> None:
+    run_in_readme_shell(account, recorded, account.readme.teardown)
+    stacks = account.client("cloudformation").list_stacks()["StackSummaries"]
+    live = [
+        s for s in stacks if s["StackName"] == "greeter" and s["StackStatus"] != "DELETE_COMPLETE"
+    ]
+    assert not live, live
+    alarms = account.client("cloudwatch").describe_alarms(AlarmNamePrefix="greeter/")
+    assert not alarms["MetricAlarms"], alarms["MetricAlarms"]
+    topics = account.client("sns").list_topics()["Topics"]
+    assert not [t for t in topics if t["TopicArn"].endswith(":greeter-events")], topics
+
+
 def push_tag(account: Account, tag: str) -> str:
     """A new commit on the fork's main, tagged `tag` and pushed (what a release does)."""
     lab = account.lab
@@ -317,27 +377,32 @@ def push_tag(account: Account, tag: str) -> str:
 
 
 def contexts(account: Account, github: dict[str, str]) -> Contexts:
+    """The repository's settings, supplied from the lab. One lab stack stands in for both
+    environments; production runs one host less, so its deploy also scales the stack in."""
     readme, lab = account.readme, account.lab
-    settings = {
-        "vars": {
-            "AWS_ROLE_ARN": DEPLOY_ROLE,
-            "PROBE_ROLE_ARN": PROBE_ROLE,
-            "AWS_REGION": readme.region,
-            "GREETER_STACK_NAME": lab.env["GREETER_STACK_NAME"],
-            "ADMIN_CIDR": readme.admin_cidr,
-            "KEY_NAME": readme.key_name,
-            "INSTANCE_COUNT": str(readme.count),
-        },
-        "secrets": {"SSH_PRIVATE_KEY": (lab.state / "ssh" / "id_ed25519").read_text()},
-    }
+
+    def settings(count: int) -> dict[str, dict[str, str]]:
+        return {
+            "vars": {
+                "AWS_ROLE_ARN": DEPLOY_ROLE,
+                "STACK_ROLE_ARN": STACK_ROLE,
+                "PROBE_ROLE_ARN": PROBE_ROLE,
+                "AWS_REGION": readme.region,
+                "GREETER_STACK_NAME": lab.env["GREETER_STACK_NAME"],
+                "ADMIN_CIDR": readme.admin_cidr,
+                "KEY_NAME": readme.key_name,
+                "INSTANCE_COUNT": str(count),
+            },
+            "secrets": {"SSH_PRIVATE_KEY": (lab.state / "ssh" / "id_ed25519").read_text()},
+        }
+
     return Contexts(
-        github={
-            "server_url": f"git://{lab.bridge_address}",
-            "repository": "greeter",
-            **github,
-        },
+        github={"server_url": f"git://{lab.bridge_address}", "repository": "greeter", **github},
         vars={"RUNNER_LABEL": RUNNER_LABEL},
-        environments={"staging": settings, "production": settings},
+        environments={
+            "staging": settings(readme.count),
+            "production": settings(readme.count - 1),
+        },
         roles={
             DEPLOY_ROLE: {
                 "AWS_ACCESS_KEY_ID": CALLERS["ci-deploy"],
@@ -377,36 +442,34 @@ def test_the_deploy_workflow_deploys_a_tag_to_staging_then_production(
         ("production", "make venv"),
         ("production", ".ci/deploy"),
     ]
-    for step in steps[1::2]:
+    count = account.readme.count
+    for step, hosts in ((steps[1], count), (steps[3], count - 1)):
         out = step.result.stdout
         assert f".ci/deploy: {NEW_TAG} ({sha}) to stack greeter" in out
-        assert_fleet_serving(out, account.readme.count, sha)
-    # Staging rolled the new release out; production found it there and changed nothing.
-    first_site = "PLAY RECAP" + steps[1].result.stdout.split("PLAY RECAP")[1]
-    assert any(c["changed"] > 0 for c in recap(first_site).values())
+        assert_fleet_serving(out, hosts, sha)
     served = account.served()
-    assert {row["commit"] for row in served.values()} == {sha}, served
+    assert {row["commit"] for name, row in served.items() if name != f"greeter-{count}"} == {sha}
 
 
-def healthy_hosts(account: Account, since: datetime) -> list[dict]:
+def healthy_hosts(account: Account) -> list[dict]:
+    now = datetime.now(timezone.utc)
     return (
         account.client("cloudwatch")
         .get_metric_statistics(
             Namespace="Greeter",
             MetricName="HealthyHosts",
             Dimensions=[{"Name": "Stack", "Value": account.lab.env["GREETER_STACK_NAME"]}],
-            StartTime=since,
-            EndTime=datetime.now(timezone.utc) + timedelta(minutes=5),
-            Period=3600,
-            Statistics=["SampleCount", "Maximum"],
+            StartTime=now - timedelta(hours=2),
+            EndTime=now + timedelta(minutes=5),
+            Period=4 * 3600,
+            Statistics=["SampleCount", "Sum", "Maximum"],
         )
         .get("Datapoints", [])
     )
 
 
 def test_the_probe_workflow_publishes_healthy_hosts(account: Account) -> None:
-    before = healthy_hosts(account, datetime.now(timezone.utc) - timedelta(hours=2))
-    count_before = sum(p["SampleCount"] for p in before)
+    [before] = healthy_hosts(account)
     main = subprocess.run(
         ["git", "-C", str(account.lab.git_mirror), "rev-parse", "refs/heads/main"],
         check=True, capture_output=True, text=True,
@@ -416,35 +479,11 @@ def test_the_probe_workflow_publishes_healthy_hosts(account: Account) -> None:
         WORKFLOWS / "probe.yml", contexts(account, github)
     )
     assert [s.name for s in steps] == ["make venv", ".ci/probe"]
-    rows = probe_rows(steps[-1].result.stdout)
-    assert len(rows) == account.readme.count + 1
-    after = healthy_hosts(account, datetime.now(timezone.utc) - timedelta(hours=2))
-    assert sum(p["SampleCount"] for p in after) == count_before + 1, after
-    assert max(p["Maximum"] for p in after) == account.readme.count
-
-
-def test_the_readme_teardown_removes_the_stack_alarms_and_topic(
-    account: Account, recorded: dict[str, object]
-) -> None:
-    shell = recorded.get("shell")
-    assert isinstance(shell, Path), "the README's deploy did not run"
-    env = dict(line.split("=", 1) for line in shell.read_text().split("\0") if "=" in line)
-    result = watchdog.run(
-        ["bash", "--noprofile", "--norc", "-e", "-c", account.readme.teardown],
-        900,
-        cwd=recorded["readme-clone"],
-        env=env,
-    )
-    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-8000:]
-    stacks = account.client("cloudformation").list_stacks()["StackSummaries"]
-    live = [
-        s for s in stacks if s["StackName"] == "greeter" and s["StackStatus"] != "DELETE_COMPLETE"
-    ]
-    assert not live, live
-    alarms = account.client("cloudwatch").describe_alarms(AlarmNamePrefix="greeter")
-    assert not alarms["MetricAlarms"], alarms["MetricAlarms"]
-    topics = account.client("sns").list_topics()["Topics"]
-    assert not [t for t in topics if t["TopicArn"].endswith(":greeter-events")], topics
+    hosts = account.readme.count - 1  # production's
+    assert len(probe_rows(steps[-1].result.stdout)) == hosts + 1
+    [after] = healthy_hosts(account)
+    assert after["SampleCount"] == before["SampleCount"] + 1
+    assert after["Sum"] == before["Sum"] + hosts
 
 
 @pytest.mark.parametrize(
@@ -458,7 +497,8 @@ def test_the_readme_teardown_removes_the_stack_alarms_and_topic(
 def test_each_iam_policy_allows_exactly_what_its_commands_called(
     account: Account, caller: str, policy: str
 ) -> None:
-    called = aws_calls.actions(account.endpoint, access_key_id=CALLERS[caller])
+    called = account.recorder.actions(CALLERS[caller])
+    print(f"{caller}: {sorted(called)}")
     assert called, f"no AWS call recorded for {caller}"
-    problems = aws_calls.check_policy(IAM / policy, called)
+    problems = check_policy(IAM / policy, called)
     assert not problems, "\n".join(problems)
