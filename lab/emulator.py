@@ -12,7 +12,8 @@ on ``/aws/...`` names, and resolves the Default even when a value is passed, so 
 fails until the parameter exists. Running the server in this process lets us add the parameters
 straight to moto's SSM backend. ``POST /moto-api/reset`` wipes them: restart instead of resetting.
 In the same process, a stack update is taught to follow Conditions (follow_conditions_on_update),
-so raising InstanceCount adds hosts as it does on AWS.
+so raising InstanceCount adds hosts as it does on AWS, and an instance is launched in its
+network interface's subnet (place_instances_by_their_network_interface).
 
 ``--port 0`` picks a free port; the ready file and the ready line carry the endpoint URL.
 
@@ -94,6 +95,34 @@ def follow_conditions_on_update() -> None:
                 self._delete_resource(self._parsed_resources.pop(name), resource)
 
     ResourceMap.update = update
+
+
+def place_instances_by_their_network_interface() -> None:
+    """Make moto's CloudFormation instances follow their primary network interface's subnet.
+
+    moto's AWS::EC2::Instance reads SubnetId only, so an instance whose primary interface names
+    the subnet (stack.yaml with PrivateSubnet "true": no public address, whatever the subnet)
+    would land in the default VPC with a public address. Launch it in that subnet instead: moto
+    gives a stack's instance in a subnet no public address, which is what
+    AssociatePublicIpAddress false asks. An interface asking for a public address is refused
+    rather than emulated wrongly.
+    """
+    from moto.ec2.models.instances import Instance  # noqa: PLC0415 - late import, see main()
+
+    moto_create = Instance.create_from_cloudformation_json.__func__
+
+    def create(cls: type, name: str, cloudformation_json: dict, *args: object, **kwargs: object):
+        properties = cloudformation_json["Properties"]
+        interfaces = properties.get("NetworkInterfaces") or []
+        primary = next((i for i in interfaces if str(i.get("DeviceIndex")) == "0"), None)
+        if primary is not None:
+            if primary.get("AssociatePublicIpAddress") not in (False, "false"):
+                raise NotImplementedError("emulator: only AssociatePublicIpAddress false")
+            properties = {**properties, "SubnetId": primary["SubnetId"]}
+            cloudformation_json = {**cloudformation_json, "Properties": properties}
+        return moto_create(cls, name, cloudformation_json, *args, **kwargs)
+
+    Instance.create_from_cloudformation_json = classmethod(create)
 
 
 def loopback_host(value: str) -> str:
@@ -215,6 +244,7 @@ def serve(args: argparse.Namespace) -> int:
 
     seed_image_parameters()
     follow_conditions_on_update()
+    place_instances_by_their_network_interface()
     server = ThreadedMotoServer(ip_address=args.host, port=args.port, verbose=False)
     try:
         server.start()

@@ -27,7 +27,7 @@ import boto3
 from botocore.config import Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from labctl.common import REGION, LabError
+from labctl.common import LabError
 from labctl.hosts import host_dir, launch_marker
 from labctl.state import Host, Lab
 
@@ -38,7 +38,7 @@ def ec2_client(lab: Lab):
     return boto3.client(
         "ec2",
         endpoint_url=f"http://127.0.0.1:{lab.emulator_port}",
-        region_name=REGION,
+        region_name=lab.region,  # LAB_REGION at `up`, the region `lab env` exports
         aws_access_key_id="testing",
         aws_secret_access_key="testing",  # noqa: S106 - the emulator's dummy credentials
         config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=10),

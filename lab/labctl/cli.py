@@ -29,6 +29,7 @@ from .common import (
     lab_busy_boot,
     lab_distro,
     lab_name,
+    lab_region,
     log,
     quiet,
     run,
@@ -98,6 +99,7 @@ def new_lab(name: str, count: int, balancer: bool) -> Lab:
         name=name,
         distro=lab_distro(),
         busy_boot=lab_busy_boot(),
+        region=lab_region(),
         subnet=str(subnet),
         bridge=f"gl-{sid}",
         bridge_address=str(addresses[0]),
@@ -120,7 +122,12 @@ def cmd_up(count: int, balancer: bool = False) -> None:
     run(HOST_DEPS)
     started = time.monotonic()
     lab = Lab.load(name)
-    same = lab is not None and len(lab.hosts) == count and (lab.balancer is not None) == balancer
+    same = (
+        lab is not None
+        and len(lab.hosts) == count
+        and (lab.balancer is not None) == balancer
+        and lab.region == lab_region()
+    )
     if lab is not None and same and is_up(lab):
         refresh_mirror(lab)
         write_inventory(lab)
@@ -161,7 +168,7 @@ def cmd_up(count: int, balancer: bool = False) -> None:
         log(f"up failed; see {lab.state}/logs and {lab.state}/hosts, then run `lab/lab down`")
         raise
     log(
-        f"lab {name} up ({lab.distro}, busy first boot {lab.busy_boot:g}s) in "
+        f"lab {name} up ({lab.distro}, region {lab.region}, busy first boot {lab.busy_boot:g}s) in "
         f"{time.monotonic() - booted:.1f}s after the image was ready "
         f"({time.monotonic() - started:.1f}s in all). Its {len(lab.machines)} hosts boot when "
         'the stack makes their instances: `eval "$(lab/lab env)"; '

@@ -43,7 +43,7 @@ GIT_PORT = 9418
 WHEEL_PORT = 18000
 
 
-REGION = "us-east-1"
+REGION = "us-east-1"  # LAB_REGION's default: the region the lab's emulated AWS is used in
 
 
 # LAB_DISTRO -> the CPython its hosts run (the wheelhouse serves wheels for exactly that one).
@@ -110,6 +110,13 @@ def lab_distro() -> str:
     if distro not in DISTRO_PYTHONS:
         raise LabError(f"LAB_DISTRO={distro!r}: one of {', '.join(DISTRO_PYTHONS)}")
     return distro
+
+
+def lab_region() -> str:
+    region = os.environ.get("LAB_REGION") or REGION
+    if not re.fullmatch(r"[a-z]{2}(-[a-z]+)+-[0-9]", region):
+        raise LabError(f"LAB_REGION={region!r}: an AWS region such as eu-west-1")
+    return region
 
 
 def lab_busy_boot() -> float:

@@ -6,7 +6,7 @@ import configparser
 import os
 import shlex
 
-from .common import APT_PORT, REGION, REPO, VENV_BIN, WHEEL_PORT
+from .common import APT_PORT, REPO, VENV_BIN, WHEEL_PORT
 from .hosts import ssh_options
 from .network import check_route
 from .state import Lab
@@ -21,9 +21,9 @@ all: {}
 
 INVENTORY_ALL = """\
 ---
-# Written by lab/lab up: the lab's stack parameters and where the hosts get the code.
+# Written by lab/lab up: the lab's stack parameters and where the hosts get the code. The
+# region follows the environment (`lab env`: AWS_REGION), as the inventory does.
 greeter_stack_name: {stack}
-greeter_stack_region: {region}
 greeter_stack_instance_count: {count}
 # The stack's balancer instance exists when the lab has a host for it (`lab/lab up --balancer`).
 greeter_stack_balancer: {balancer}
@@ -53,7 +53,6 @@ def write_inventory(lab: Lab) -> None:
     (inv / "group_vars" / "all.yml").write_text(
         INVENTORY_ALL.format(
             stack=lab.stack,
-            region=REGION,
             count=len(lab.hosts),
             balancer=str(lab.balancer is not None).lower(),
             name=lab.name,
@@ -101,8 +100,8 @@ def environment(lab: Lab) -> dict[str, str]:
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{lab.emulator_port}",
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": REGION,
-        "AWS_DEFAULT_REGION": REGION,
+        "AWS_REGION": lab.region,
+        "AWS_DEFAULT_REGION": lab.region,
         "AWS_EC2_METADATA_DISABLED": "true",
         "GREETER_STACK_NAME": lab.stack,
         "ANSIBLE_INVENTORY": f"{REPO / 'inventory'},{lab.state / 'inventory'}",

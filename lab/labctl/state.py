@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .common import DEFAULT_DISTRO, LAB_ROOT, STACK, STOP_TIMEOUT, lab_name
+from .common import DEFAULT_DISTRO, LAB_ROOT, REGION, STACK, STOP_TIMEOUT, lab_name
 
 
 @dataclass
@@ -41,6 +41,7 @@ class Lab:
     stack: str = STACK  # GREETER_STACK_NAME at `up`: the stack the lab's hosts stand in for
     distro: str = DEFAULT_DISTRO  # LAB_DISTRO at `up`: the Debian release the hosts run
     busy_boot: float = 0.0  # LAB_BUSY_BOOT at `up`: seconds dpkg is locked after a first boot
+    region: str = REGION  # LAB_REGION at `up`: the launcher's and `lab env`'s AWS region
     hosts: list[Host] = field(default_factory=list)  # the backends, <stack>-1 .. <stack>-N
     balancer: Host | None = None  # the stack's balancer instance <stack>-lb (`up --balancer`)
     processes: dict[str, list[int]] = field(default_factory=dict)  # role -> [pid, start time]

@@ -18,8 +18,9 @@ the run itself:
 * version: greeter_version (or greeter_rollback_to) as given, and the releases switched to.
 
 The stack and region are greeter_stack_name / greeter_stack_region when given with -e, else
-GREETER_STACK_NAME / AWS_REGION, as the inventory reads them. boto3 finds credentials and
-endpoint the standard way. A failure to publish is a warning: it never changes the run's result.
+GREETER_STACK_NAME and the region the inventory reads (the greeter_aws_region lookup: AWS_REGION,
+AWS_DEFAULT_REGION, the AWS profile's). boto3 finds credentials and endpoint the standard way.
+A failure to publish is a warning: it never changes the run's result.
 """
 
 from __future__ import annotations
@@ -85,14 +86,13 @@ class CallbackModule(CallbackBase):
         if self.action is None:
             return
         stack = str(self._var("greeter_stack_name", "GREETER_STACK_NAME", "greeter"))
-        region = str(self._var("greeter_stack_region", "AWS_REGION", "us-east-1"))
         failed = self.failed | {host for host, count in stats.failures.items() if count}
         failed |= {host for host, count in stats.dark.items() if count}
         subject, message = self.compose(stack, sorted(failed))
         try:
             import boto3  # noqa: PLC0415 -- only runs that notify pay for the import
 
-            sns = boto3.client("sns", region_name=region)
+            sns = boto3.client("sns", region_name=self._region())
             topic = self.find_topic(sns, f"{stack}-events")
             if topic is None:
                 self._display.vv(f"greeter_outcome: no topic {stack}-events; nothing published")
@@ -101,6 +101,13 @@ class CallbackModule(CallbackBase):
             self._display.display(f"greeter_outcome: published to {topic}: {subject}")
         except Exception as error:  # never let the notice change the run's result
             self._display.warning(f"greeter_outcome: could not publish the outcome: {error}")
+
+    def _region(self) -> str:
+        if self.extra_vars.get("greeter_stack_region"):
+            return str(self.extra_vars["greeter_stack_region"])
+        from ansible.plugins.loader import lookup_loader  # noqa: PLC0415 -- as for boto3
+
+        return lookup_loader.get("greeter_aws_region").run([])[0]
 
     def _var(self, name: str, env: str, default: str) -> str:
         return self.extra_vars.get(name) or os.environ.get(env) or default

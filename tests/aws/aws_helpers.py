@@ -1,6 +1,8 @@
 """Helpers for the stack tests: the emulator, the real CLIs pointed at it, and boto3 checks.
 
 Every test gets its own stack name, so the tests share the emulator without seeing each other.
+provision.yml requires a key pair that exists in the stack's region: `provision` imports the
+tests' key pair KEY_NAME there first (a public key only: nothing ever logs in).
 The playbooks and the inventory reach the emulator only through AWS_ENDPOINT_URL and dummy
 credentials, exactly as they would reach AWS; nothing connects to the fake public IPs moto hands
 out (provision runs with greeter_stack_wait_for_ssh=false).
@@ -27,6 +29,8 @@ BIN = Path(sys.executable).parent  # the virtualenv running pytest holds ansible
 REGION = "us-east-1"
 ADMIN_CIDR = "203.0.113.7/32"
 CLIENT_CIDR = "198.51.100.0/24"
+KEY_NAME = "greeter-tests"
+KEY_MATERIAL = b"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFHOJMWW6815GX3rIizjWz8wReKDRpVa3WSNo/zwU5Za"
 EMULATOR_START_SECONDS = 120  # moto is ready in 2-5 s; a loaded 2-core CI box is slower
 
 
@@ -127,15 +131,33 @@ class Aws:
             args += ["-e", assignment]
         return self.run(stack, *args, env=env)
 
-    def provision(self, stack: str, *extra_vars: str) -> subprocess.CompletedProcess[str]:
-        """provision.yml with the test CIDRs and no SSH wait (no host stands behind moto)."""
+    def import_key_pair(self, region: str = REGION) -> None:
+        """The tests' key pair KEY_NAME in `region`, once."""
+        ec2 = self.client("ec2", region)
+        if not ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [KEY_NAME]}])[
+            "KeyPairs"
+        ]:
+            ec2.import_key_pair(KeyName=KEY_NAME, PublicKeyMaterial=KEY_MATERIAL)
+
+    def provision(
+        self,
+        stack: str,
+        *extra_vars: str,
+        env: dict[str, str] | None = None,
+        region: str = REGION,
+    ) -> subprocess.CompletedProcess[str]:
+        """provision.yml with the test CIDRs, the tests' key pair (imported in `region`, where
+        `env` puts the stack) and no SSH wait (no host stands behind moto)."""
+        self.import_key_pair(region)
         return self.playbook(
             stack,
             "provision.yml",
             f"greeter_stack_admin_cidr={ADMIN_CIDR}",
             f"greeter_stack_client_cidr={CLIENT_CIDR}",
+            f"greeter_stack_key_name={KEY_NAME}",
             "greeter_stack_wait_for_ssh=false",
             *extra_vars,
+            env=env,
         )
 
     def inventory(self, stack: str, env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -144,15 +166,16 @@ class Aws:
         assert result.returncode == 0, result.stderr
         return unwrap(json.loads(result.stdout))
 
-    def client(self, service: str) -> Any:
-        return emulator_client(self.endpoint, service)
+    def client(self, service: str, region: str = REGION) -> Any:
+        return emulator_client(self.endpoint, service, region)
 
-    def instances(self, stack: str, *states: str) -> list[dict[str, Any]]:
+    def instances(self, stack: str, *states: str, region: str = REGION) -> list[dict[str, Any]]:
         """The stack's instances (tagged by CloudFormation), optionally only in these states."""
         filters = [{"Name": "tag:aws:cloudformation:stack-name", "Values": [stack]}]
         if states:
             filters.append({"Name": "instance-state-name", "Values": list(states)})
-        pages = self.client("ec2").get_paginator("describe_instances").paginate(Filters=filters)
+        ec2 = self.client("ec2", region)
+        pages = ec2.get_paginator("describe_instances").paginate(Filters=filters)
         return [
             instance
             for page in pages
@@ -164,9 +187,9 @@ class Aws:
         filters = [{"Name": "tag:aws:cloudformation:stack-name", "Values": [stack]}]
         return self.client("ec2").describe_security_groups(Filters=filters)["SecurityGroups"]
 
-    def live_stacks(self, stack: str) -> list[dict[str, Any]]:
+    def live_stacks(self, stack: str, region: str = REGION) -> list[dict[str, Any]]:
         """Stacks of that name that are not deleted (list_stacks also reports deleted ones)."""
-        summaries = self.client("cloudformation").list_stacks()["StackSummaries"]
+        summaries = self.client("cloudformation", region).list_stacks()["StackSummaries"]
         return [
             summary
             for summary in summaries

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from aws_helpers import ADMIN_CIDR, CLIENT_CIDR, REPO, Aws, tags
+from aws_helpers import ADMIN_CIDR, CLIENT_CIDR, KEY_NAME, REPO, Aws, tags
 from cfnlint.decode import cfn_yaml
 
 pytestmark = pytest.mark.aws
@@ -43,6 +43,8 @@ def test_provision_creates_the_stack_with_every_host_locked_down(aws: Aws, stack
             >= {"Project": "shop", "Environment": "staging", "Service": service}.items()
         )
         assert instance["InstanceType"] == "t3.micro"
+        assert instance["KeyName"] == KEY_NAME
+        assert tags(instance)["Access"] == "public"  # the inventory connects to the public IP
         # The image came from Canonical's 22.04 parameter as the emulator seeds it.
         assert instance["ImageId"] == "ami-785db401"
 
@@ -78,12 +80,14 @@ def test_provision_creates_the_stack_with_every_host_locked_down(aws: Aws, stack
         "BalancerSecurityGroupId": balancer_group["GroupId"],
         "BalancerId": balancer["InstanceId"],
         "BalancerPublicIp": balancer["PublicIpAddress"],
+        "BalancerPrivateIp": balancer["PrivateIpAddress"],
         "BalancerPublicDnsName": balancer["PublicDnsName"],
     }
     for index in (1, 2, 3):
         instance = by_name[f"{stack}-{index}"]
         expected[f"Instance{index}Id"] = instance["InstanceId"]
         expected[f"Instance{index}PublicIp"] = instance["PublicIpAddress"]
+        expected[f"Instance{index}PrivateIp"] = instance["PrivateIpAddress"]
         expected[f"Instance{index}PublicDnsName"] = instance["PublicDnsName"]
     assert outputs == expected
 
@@ -94,11 +98,12 @@ def test_provision_creates_the_stack_with_every_host_locked_down(aws: Aws, stack
     for resource in ("Instance1", "Instance2", "Instance3", "Balancer"):
         options = resources[resource]["Properties"]["MetadataOptions"]
         assert options["HttpTokens"] == "required"
-        # moto does not attach the groups either: each instance names its own in the template.
+        # moto does not attach the groups either: each instance names its own in the template
+        # (on its network interface in a private subnet, tests/aws/test_private_subnet.py).
         group = "BalancerSecurityGroup" if resource == "Balancer" else "SecurityGroup"
-        assert resources[resource]["Properties"]["SecurityGroupIds"] == [
-            {"Fn::GetAtt": [group, "GroupId"]}
-        ]
+        assert resources[resource]["Properties"]["SecurityGroupIds"] == {
+            "Fn::If": ["IsPrivate", {"Ref": "AWS::NoValue"}, [{"Fn::GetAtt": [group, "GroupId"]}]]
+        }
 
 
 def test_without_the_balancer_clients_call_the_hosts_and_an_update_adds_it(
@@ -135,64 +140,89 @@ def test_without_the_balancer_clients_call_the_hosts_and_an_update_adds_it(
 
 
 ADMIN = f"greeter_stack_admin_cidr={ADMIN_CIDR}"
+KEY = f"greeter_stack_key_name={KEY_NAME}"
+VPC = "greeter_stack_vpc_id=vpc-0123456789abcdef0"
+SUBNET = "greeter_stack_subnet_id=subnet-0123456789abcdef0"
 
 
 @pytest.mark.parametrize(
     ("extra_vars", "message"),
     [
-        pytest.param([], "greeter_stack_admin_cidr is required", id="admin-cidr-missing"),
+        pytest.param([KEY], "greeter_stack_admin_cidr is required", id="admin-cidr-missing"),
+        pytest.param([ADMIN], "greeter_stack_key_name is required", id="key-name-missing"),
         pytest.param(
-            ["greeter_stack_admin_cidr=203.0.113.7"],
+            [ADMIN, "greeter_stack_key_name="], "greeter_stack_key_name is required", id="key-empty"
+        ),
+        pytest.param(
+            [ADMIN, "greeter_stack_key_name=nobody-has-this"],
+            'greeter_stack_key_name: region us-east-1 has no EC2 key pair "nobody-has-this"',
+            id="key-pair-not-in-the-region",
+        ),
+        pytest.param(
+            [KEY, "greeter_stack_admin_cidr=203.0.113.7"],
             "greeter_stack_admin_cidr: an IPv4 CIDR",
             id="admin-cidr-without-prefix",
         ),
         pytest.param(
-            ["greeter_stack_admin_cidr=203.0.113.300/32"],
+            [KEY, "greeter_stack_admin_cidr=203.0.113.300/32"],
             "greeter_stack_admin_cidr: an IPv4 CIDR",
             id="admin-cidr-octet-too-big",
         ),
         pytest.param(
-            ["greeter_stack_admin_cidr=0.0.0.0/0"],
+            [KEY, "greeter_stack_admin_cidr=0.0.0.0/0"],
             "SSH is never opened to the whole internet",
             id="ssh-open-to-the-world",
         ),
         pytest.param(
-            [ADMIN, "greeter_stack_instance_count=0"],
+            [ADMIN, KEY, "greeter_stack_instance_count=0"],
             "greeter_stack_instance_count: 1 to 10 instances",
             id="count-0",
         ),
         pytest.param(
-            [ADMIN, "greeter_stack_instance_count=11"],
+            [ADMIN, KEY, "greeter_stack_instance_count=11"],
             "greeter_stack_instance_count: 1 to 10 instances",
             id="count-6",
         ),
         pytest.param(
-            [ADMIN, "greeter_stack_instance_count=three"],
+            [ADMIN, KEY, "greeter_stack_instance_count=three"],
             "'greeter_stack_instance_count' is of type str and we were unable to convert to int",
             id="count-not-a-number",
         ),
         pytest.param(
-            [ADMIN, "greeter_stack_instance_type=t9.huge"],
+            [ADMIN, KEY, "greeter_stack_instance_type=t9.huge"],
             "value of greeter_stack_instance_type must be one of: t3.micro",
             id="unknown-instance-type",
         ),
         pytest.param(
-            [ADMIN, "greeter_stack_balancer=maybe"],
+            [ADMIN, KEY, "greeter_stack_balancer=maybe"],
             "greeter_stack_balancer",
             id="balancer-not-a-bool",
         ),
         pytest.param(
-            [ADMIN, "greeter_stack_balancer_instance_type=t9.huge"],
+            [ADMIN, KEY, "greeter_stack_balancer_instance_type=t9.huge"],
             "value of greeter_stack_balancer_instance_type must be one of: t3.micro",
             id="unknown-balancer-instance-type",
         ),
         pytest.param(
-            [ADMIN, "greeter_stack_subnet_id=subnet-0123456789abcdef0"],
-            "and then greeter_stack_vpc_id too",
+            [ADMIN, KEY, SUBNET],
+            "greeter_stack_vpc_id: set together with greeter_stack_subnet_id (now"
+            ' "subnet-0123456789abcdef0"), both or neither',
             id="subnet-without-its-vpc",
         ),
         pytest.param(
-            [ADMIN, "greeter_stack_metrics_port=50051"],
+            [ADMIN, KEY, VPC],
+            'greeter_stack_vpc_id: set together with greeter_stack_subnet_id (now ""), both or'
+            " neither",
+            id="vpc-without-a-subnet",
+        ),
+        pytest.param(
+            [ADMIN, KEY, "greeter_stack_private_subnet=true"],
+            "greeter_stack_private_subnet: true needs greeter_stack_vpc_id and"
+            " greeter_stack_subnet_id",
+            id="private-without-a-subnet",
+        ),
+        pytest.param(
+            [ADMIN, KEY, "greeter_stack_metrics_port=50051"],
             "greeter_stack_metrics_port: 0 (closed) or a port from 1024 to 65535 other than",
             id="metrics-port-on-the-grpc-port",
         ),
@@ -243,3 +273,11 @@ def test_the_playbook_checks_what_the_template_allows() -> None:
     assert defaults["greeter_stack_root_volume_size"] == parameters["RootVolumeSize"]["Default"]
     assert "greeter_stack_admin_cidr" not in defaults, "the admin CIDR must have no default"
     assert "Default" not in parameters["AdminCidr"]
+    # A key pair is required, and CloudFormation checks it exists in the region as well.
+    assert "greeter_stack_key_name" not in defaults, "the key pair must have no default"
+    assert "Default" not in parameters["KeyName"]
+    assert parameters["KeyName"]["Type"] == "AWS::EC2::KeyPair::KeyName"
+    assert (
+        str(defaults["greeter_stack_private_subnet"]).lower()
+        == parameters["PrivateSubnet"]["Default"]
+    )

@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "lab"))  # the lab's package, standard library only
 
-from labctl import common, network, services, state  # noqa: E402 - after the path above
+from labctl import cli, common, inventory, network, services, state  # noqa: E402 - after the path above
 
 
 def test_an_address_that_does_not_leave_through_the_lab_bridge_is_refused() -> None:
@@ -100,3 +100,73 @@ def test_an_emulator_that_exits_fails_the_lab_at_once_with_its_log(
     lab = lab_in(tmp_path, monkeypatch)
     with pytest.raises(common.LabError, match=r"exited before it answered(?s:.)*cannot bind"):
         services.start_emulator(lab)
+
+
+def test_lab_region_goes_to_the_lab_state_and_lab_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LAB_REGION at `up` is saved with the lab; `lab env` exports it and the lab's group_vars
+    leave greeter_stack_region to the environment (the inventory's region lookup reads it)."""
+    monkeypatch.setattr(state, "LAB_ROOT", tmp_path)
+    monkeypatch.setenv("LAB_REGION", "eu-west-1")
+    made = cli.new_lab("regional", 1, balancer=False)
+    made.save()
+    lab = state.Lab.load("regional")
+    assert lab.region == "eu-west-1"
+    env = inventory.environment(lab)
+    assert (env["AWS_REGION"], env["AWS_DEFAULT_REGION"]) == ("eu-west-1", "eu-west-1")
+    monkeypatch.setattr(inventory, "check_route", lambda *_: None)  # no bridge in this test
+    inventory.write_inventory(lab)
+    group_vars = (lab.state / "inventory" / "group_vars" / "all.yml").read_text()
+    assert "greeter_stack_region" not in group_vars
+    assert "greeter_stack_key_name: lab-regional" in group_vars
+
+    monkeypatch.delenv("LAB_REGION")
+    assert cli.new_lab("plain", 1, balancer=False).region == common.REGION == "us-east-1"
+    # A lab saved before LAB_REGION existed loads with the default.
+    saved = json.loads((lab.state / "lab.json").read_text())
+    del saved["region"]
+    (lab.state / "lab.json").write_text(json.dumps(saved))
+    assert state.Lab.load("regional").region == "us-east-1"
+
+
+@pytest.mark.parametrize("bad", ["EU-WEST-1", "eu-west", "eu-west-1; rm", "moon"])
+def test_a_lab_region_that_is_no_region_is_refused(
+    bad: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LAB_REGION", bad)
+    with pytest.raises(common.LabError, match="LAB_REGION"):
+        common.lab_region()
+
+
+def test_the_launcher_imports_the_lab_key_in_the_lab_region(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import launcher  # noqa: PLC0415 - needs boto3, as the launcher does
+
+    lab = lab_in(tmp_path, monkeypatch)
+    lab.region = "eu-west-1"
+    (lab.state / "ssh").mkdir(parents=True)
+    subprocess.run(
+        [
+            "ssh-keygen",
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-f",
+            str(lab.state / "ssh" / "id_ed25519"),
+        ],
+        check=True,
+    )
+    services.start_emulator(lab)
+    try:
+        ec2 = launcher.ec2_client(lab)
+        launcher.import_lab_key(ec2, lab)
+        assert ec2.meta.region_name == "eu-west-1"
+        assert [k["KeyName"] for k in ec2.describe_key_pairs()["KeyPairs"]] == ["lab-emu"]
+        lab.region = "us-east-1"
+        assert launcher.ec2_client(lab).describe_key_pairs()["KeyPairs"] == []
+    finally:
+        state.stop([lab.processes["emulator"]])
