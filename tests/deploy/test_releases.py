@@ -1,10 +1,13 @@
 """The deploy on the other Debian releases the lab boots (LAB_DISTRO), one fresh lab each.
 
-Debian 13 trixie (systemd 257, Python 3.13) stands above Ubuntu 24.04 (255, 3.12): first deploy,
-a changed=0 rerun, an upgrade, a rollback, the unit's exposure, and the systemd >= 254 restart
-back-off, which grows there. Debian 11 bullseye (systemd 247, Python 3.9), the oldest release
-Debian's mirror still serves, is below what the pinned service supports (grpcio 1.85 and protobuf
-7 need Python 3.10, as Ubuntu 22.04 has): the role refuses it by name before changing anything.
+Debian 13 trixie (systemd 257, Python 3.13) stands above Ubuntu 24.04 (255, 3.12): the whole
+site.yml with the front door (HAProxy 3.0 there, on a trixie balancer host) before the host, a
+call through it, a changed=0 rerun, an upgrade drained and readied at the balancer, a rollback,
+the unit's exposure, and the systemd >= 254 restart back-off, which grows there. Debian 11
+bullseye (systemd 247, Python 3.9), the oldest release Debian's mirror still serves, is below what
+the pinned service supports (grpcio 1.85 and protobuf 7 need Python 3.10, as Ubuntu 22.04 has)
+and what the balancer role supports: both roles refuse it by name before changing anything.
+Ubuntu cannot be booted here (the lab reaches only Debian's mirror).
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ FIRST_ON_A_RELEASE = pytest.mark.timeout(1800)
 
 @pytest.fixture(scope="module")
 def trixie(extra_lab: Callable[..., LabSession]) -> LabSession:
-    """One trixie host with the lab's default busy first boot."""
-    return extra_lab("trixie", 1, distro="trixie")
+    """One trixie host and a trixie balancer host in front of it, with the lab's default busy
+    first boot."""
+    return extra_lab("trixie", 1, balancer=True, distro="trixie")
 
 
 def served_commit(lab: LabSession) -> str:
@@ -64,22 +68,50 @@ def new_commit(lab: LabSession, label: str) -> str:
     return commit
 
 
+def task_output(stdout: str, name: str) -> str:
+    """What ansible-playbook printed under the task `name` (the first such task)."""
+    return stdout[stdout.index(f"{name}] ") :].split("\nTASK [", maxsplit=1)[0]
+
+
 @FIRST_ON_A_RELEASE
-def test_trixie_first_deploy_and_a_rerun_that_changes_nothing(trixie: LabSession) -> None:
-    host = trixie.hosts[0]
+def test_trixie_first_site_serves_through_the_front_door_and_a_rerun_changes_nothing(
+    trixie: LabSession,
+) -> None:
+    host, lb = trixie.hosts[0], trixie.balancer
+    assert lb is not None
     release = trixie.ssh(host, ". /etc/os-release; echo $VERSION_CODENAME; python3 -V").stdout
     assert release.split()[:2] == ["trixie", "Python"], release
     assert release.split()[2].startswith("3.13"), release
-    trixie.playbook("site.yml")
+    first = trixie.playbook("site.yml")
     assert served_commit(trixie) == trixie.commit
-    again = trixie.playbook("playbooks/deploy.yml")
-    assert recap(again.stdout)[host.name]["changed"] == 0, again.stdout[-3000:]
+    # The probe's table: the front door first, SERVING, and the host UP at the balancer.
+    table = task_output(first.stdout, "Show the table")
+    front = f"{lb.address}:50051"
+    assert re.search(rf"{re.escape(front)}\s+yes\s+SERVING.*front-door", table), table
+    assert re.search(rf"{re.escape(host.address)}:50051\s+yes\s+SERVING.*\sUP", table), table
+    hello = trixie.run("greeter", "hello", front, "Teste")
+    assert hello.stdout.strip() == "Olá, Teste!"
+    # Debian 13's HAProxy, and it takes the role's configuration without a warning (a
+    # deprecated or removed directive would be one).
+    assert trixie.ssh(lb, "/usr/sbin/haproxy -v").stdout.startswith("HAProxy version 3.0."), lb
+    check = trixie.ssh(lb, "sudo haproxy -c -V -f /etc/haproxy/haproxy.cfg 2>&1")
+    assert "Configuration file is valid" in check.stdout, check.stdout
+    assert "WARNING" not in check.stdout and "ALERT" not in check.stdout, check.stdout
+    again = trixie.playbook("site.yml")
+    counters = recap(again.stdout)
+    assert counters[host.name]["changed"] == 0, again.stdout[-3000:]
+    assert counters[lb.name]["changed"] == 0, again.stdout[-3000:]
 
 
-def test_trixie_upgrade_then_rollback(trixie: LabSession) -> None:
+def test_trixie_upgrade_drains_at_the_front_door_then_rollback(trixie: LabSession) -> None:
     upgrade = new_commit(trixie, "trixie-upgrade")
-    trixie.playbook("playbooks/deploy.yml", "-e", f"greeter_version={upgrade}")
+    result = trixie.playbook("playbooks/deploy.yml", "-e", f"greeter_version={upgrade}")
     assert served_commit(trixie) == upgrade
+    # HAProxy 3.0's runtime API took the host out (drain) and back (ready, once its check passed).
+    at_lb = f"changed: [{trixie.hosts[0].name} -> {trixie.balancer.name}"
+    for state in ("drain", "ready"):
+        done = task_output(result.stdout, f"Set the host at the balancer to {state}")
+        assert at_lb in done, done
     trixie.playbook("playbooks/rollback.yml")
     assert served_commit(trixie) == trixie.commit
 
@@ -129,7 +161,7 @@ def test_trixie_restart_back_off_grows(trixie: LabSession) -> None:
 def test_bullseye_is_refused_by_name_before_anything_changes(
     extra_lab: Callable[..., LabSession],
 ) -> None:
-    bullseye = extra_lab("bullseye", 1, distro="bullseye", busy_boot=0)
+    bullseye = extra_lab("bullseye", 1, balancer=True, distro="bullseye", busy_boot=0)
     host = bullseye.hosts[0]
     result = bullseye.playbook("playbooks/deploy.yml", check=False)
     text = " ".join(output(result).split())
@@ -144,3 +176,14 @@ def test_bullseye_is_refused_by_name_before_anything_changes(
     empty = bullseye.ssh(host, 'test -z "$(sudo ls -A /opt/greeter 2>/dev/null)"', check=False)
     assert empty.returncode == 0, bullseye.ssh(host, "sudo ls -laR /opt/greeter", check=False)
     assert bullseye.ssh(host, "dpkg -s python3-venv", check=False).returncode != 0
+    # The balancer role too, by name, before HAProxy is installed.
+    lb = bullseye.playbook("playbooks/balancer.yml", check=False)
+    text = " ".join(output(lb).split())
+    assert lb.returncode != 0, text[-3000:]
+    assert re.search(
+        r"greeter_lb supports debian 12, debian 13, ubuntu 22\.04, ubuntu 24\.04 .*; "
+        r"this host is debian 11 \(bullseye\)\. Nothing was changed",
+        text,
+    ), text[-3000:]
+    assert recap(lb.stdout)[bullseye.balancer.name]["changed"] == 0
+    assert bullseye.ssh(bullseye.balancer, "dpkg -s haproxy", check=False).returncode != 0

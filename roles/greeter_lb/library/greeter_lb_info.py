@@ -55,7 +55,7 @@ service:
   returned: always
   type: dict
 os:
-  description: C(id) and C(version_id) from /etc/os-release.
+  description: C(id), C(version_id) and C(codename) from /etc/os-release.
   returned: always
   type: dict
 """
@@ -105,7 +105,7 @@ def _service(module: AnsibleModule, unit: str) -> dict:
 
 
 def _os_release() -> dict:
-    info = {"ID": "", "VERSION_ID": ""}
+    info = {"ID": "", "VERSION_ID": "", "VERSION_CODENAME": ""}
     try:
         with open("/etc/os-release", encoding="utf-8") as handle:
             for line in handle:
@@ -114,7 +114,11 @@ def _os_release() -> dict:
                     info[key] = value.strip('"')
     except OSError:
         pass
-    return {"id": info["ID"], "version_id": info["VERSION_ID"]}
+    return {
+        "id": info["ID"],
+        "version_id": info["VERSION_ID"],
+        "codename": info["VERSION_CODENAME"],
+    }
 
 
 def main() -> None:
