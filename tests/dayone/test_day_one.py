@@ -335,6 +335,21 @@ def test_the_readme_real_aws_path_deploys_a_fleet_from_a_fresh_clone(
     assert hello.stdout.strip() == "Olá, Teste!", hello.stdout + hello.stderr
 
 
+def test_the_readme_deploy_again_changes_nothing(
+    account: Account, recorded: dict[str, object]
+) -> None:
+    """The README: "the same command again changes nothing"."""
+    script = account.readme.deploy.replace(
+        FORK_PLACEHOLDER, f"git://{account.lab.bridge_address}/greeter.git"
+    )
+    again = run_in_readme_shell(account, recorded, script)
+    assert_fleet_serving(again.stdout, account.readme.count, account.lab.commit)
+    changed = {host: c["changed"] for host, c in recap(again.stdout).items()}
+    # The emulator reports every stack update as a change (real CloudFormation: "no updates").
+    assert changed.pop("localhost") <= 1
+    assert changed == dict.fromkeys(changed, 0), changed
+
+
 def test_the_readme_day_to_day_alarms_and_probe_commands_work_in_that_shell(
     account: Account, recorded: dict[str, object]
 ) -> None:
