@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from aws_helpers import ADMIN_CIDR, REPO, Aws
+from aws_helpers import REPO, Aws
 from cfnlint.decode import decode
 from support.aws_calls import (
     CLOUDFORMATION_UNUSED_PERMISSIONS,
@@ -276,22 +276,15 @@ def test_provision_hands_cloudformation_the_service_role_and_refuses_a_bad_one(
     assert "Nothing was created." in bad.stdout
     assert aws.live_stacks(stack) == []
 
-    result = aws.playbook(
-        stack,
-        "provision.yml",
-        f"greeter_stack_admin_cidr={ADMIN_CIDR}",
-        "greeter_stack_wait_for_ssh=false",
-        env=aws.env(stack, GREETER_STACK_ROLE_ARN=ROLE_ARN),
-    )
+    result = aws.provision(stack, env=aws.env(stack, GREETER_STACK_ROLE_ARN=ROLE_ARN))
     assert result.returncode == 0, result.stdout + result.stderr
     [described] = aws.client("cloudformation").describe_stacks(StackName=stack)["Stacks"]
     assert described["RoleARN"] == ROLE_ARN
 
 
-# Operator-policy actions only a run on lab hosts exercises (the end-to-end proof): the
-# deploy's outcome notice and the probe's metrics need hosts; the key pair check arrives with
-# provision.yml's DescribeKeyPairs change.
-NEEDS_HOSTS_OR_KEY_PAIR = {"sns:Publish", "cloudwatch:PutMetricData", "ec2:DescribeKeyPairs"}
+# Operator-policy actions only a run on lab hosts exercises (the end-to-end proof in
+# tests/dayone): the deploy's outcome notice and the probe's metrics need hosts.
+NEEDS_HOSTS = {"sns:Publish", "cloudwatch:PutMetricData"}
 
 
 def test_provision_alarms_and_teardown_call_only_what_the_operator_policy_allows(
@@ -310,13 +303,11 @@ def test_provision_alarms_and_teardown_call_only_what_the_operator_policy_allows
     durations = []
     with recorder.recording():
         for playbook, extra in steps:
-            if playbook == "provision.yml":
-                extra_vars = [*extra, f"greeter_stack_admin_cidr={ADMIN_CIDR}"]
-                extra_vars.append("greeter_stack_wait_for_ssh=false")
-            else:
-                extra_vars = extra
             started = time.monotonic()
-            result = aws.playbook(stack, playbook, *extra_vars, env=env)
+            if playbook == "provision.yml":
+                result = aws.provision(stack, *extra, env=env)
+            else:
+                result = aws.playbook(stack, playbook, *extra, env=env)
             durations.append(f"{playbook} {time.monotonic() - started:.1f} s")
             assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     print(f"\n[iam timing] {', '.join(durations)}")
@@ -330,13 +321,14 @@ def test_provision_alarms_and_teardown_call_only_what_the_operator_policy_allows
         "sns:Subscribe",
         "sns:Unsubscribe",
         "sns:DeleteTopic",
+        "ec2:DescribeKeyPairs",
     } <= called
 
     policy = IAM / "operator-policy.json"
     problems = check_policy(policy, called)
     unused = {p.split(" allows ", 1)[1].split(",")[0] for p in problems if " allows " in p}
     assert [p for p in problems if "does not allow" in p] == []
-    assert unused <= NEEDS_HOSTS_OR_KEY_PAIR, problems
+    assert unused <= NEEDS_HOSTS, problems
     assert set(IAM_ONLY_ACTIONS) & unused == set()  # exempt, never reported
 
     # Mutation: the same calls against a policy without UpdateStack.
