@@ -20,6 +20,25 @@ def _dimensions(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return sorted((str(name), str(value)) for name, value in pairs)
 
 
+def greeter_instance_alarms(
+    checks: dict[str, dict[str, Any]], instances: dict[str, str], stack: str, topic: str
+) -> list[dict[str, Any]]:
+    """One alarm per instance (host name -> instance id) and check, as the module's arguments:
+    the check's own, named <stack>/<host>/<check>, watching that instance, the topic added to
+    its actions. A filter because Jinja has no way to build a dict per pair of a product."""
+    return [
+        check
+        | {
+            "name": f"{stack}/{host}/{name}",
+            "description": f"{host}: {check['description']}",
+            "dimensions": {"InstanceId": instance},
+            "alarm_actions": [*check["alarm_actions"], topic],
+        }
+        for host, instance in sorted(instances.items())
+        for name, check in checks.items()
+    ]
+
+
 def greeter_alarm_in_place(wanted: dict[str, Any], existing: list[dict[str, Any]]) -> bool:
     """Whether CloudWatch already holds `wanted` (the module's arguments) exactly, judged from
     cloudwatch_metric_alarm_info's `metric_alarms`: such an alarm needs no module run at all,
@@ -55,4 +74,7 @@ class FilterModule:
     """Ansible's entry point for filter plugins."""
 
     def filters(self) -> dict:
-        return {"greeter_alarm_in_place": greeter_alarm_in_place}
+        return {
+            "greeter_instance_alarms": greeter_instance_alarms,
+            "greeter_alarm_in_place": greeter_alarm_in_place,
+        }

@@ -1,15 +1,17 @@
 """playbooks/alarms.yml and teardown.yml against the emulator: the topic, three alarms per
-running instance read back from CloudWatch, the fleet alarm, following the fleet, idempotence,
-bad input, and nothing left after teardown."""
+running instance (the backends and the balancer) read back from CloudWatch, the fleet alarm,
+following the fleet, idempotence, bad input, and nothing left after teardown."""
 
 from __future__ import annotations
 
 import re
+from fnmatch import fnmatchcase
 from typing import Any
 
 import pytest
-from aws_helpers import REGION, Aws, tags
+from aws_helpers import REGION, REPO, Aws, tags
 from support.ansible import recap
+from support.aws_calls import load_policy
 
 pytestmark = pytest.mark.aws
 
@@ -37,12 +39,8 @@ def run_alarms(aws: Aws, stack: str, *extra_vars: str) -> dict[str, int]:
 
 
 def instance_ids(aws: Aws, stack: str) -> dict[str, str]:
-    """The backends' ids by name (the alarms watch greeter_servers, not the balancer)."""
-    return {
-        tags(i)["Name"]: i["InstanceId"]
-        for i in aws.instances(stack, "running")
-        if tags(i)["Service"] == "greeter"
-    }
+    """The running instances' ids by name: the backends and the balancer, all watched alike."""
+    return {tags(i)["Name"]: i["InstanceId"] for i in aws.instances(stack, "running")}
 
 
 def expected_instance_alarms(
@@ -92,8 +90,30 @@ def assert_alarms(found: dict[str, dict], wanted: dict[str, dict]) -> None:
         assert {key: found[name][key] for key in fields} == fields, name
 
 
-def add_instance(aws: Aws, stack: str, name: str) -> str:
-    """An instance the aws_ec2 inventory counts as the stack's (what a stack update would add).
+def assert_fit_the_policies(stack: str, found: dict[str, dict]) -> None:
+    """Every alarm's actions are ones the operator and CI policies let PutMetricAlarm set (their
+    condition on cloudwatch:AlarmActions, which neither the emulator nor the IAM test's recorder
+    evaluates). The policies name stacks greeter*; the tests' stacks are named otherwise."""
+    for name in ("operator-policy.json", "ci-deploy-policy.json"):
+        [statement] = [
+            s
+            for s in load_policy(REPO / "iam" / name)["Statement"]
+            if s["Action"] == "cloudwatch:PutMetricAlarm"
+        ]
+        allowed = [
+            pattern.replace("ACCOUNT_ID", ACCOUNT).replace("greeter*", f"{stack}*")
+            for pattern in statement["Condition"]["ForAllValues:StringLike"][
+                "cloudwatch:AlarmActions"
+            ]
+        ]
+        for alarm in found.values():
+            for action in alarm["AlarmActions"]:
+                assert any(fnmatchcase(action, p) for p in allowed), (name, alarm["AlarmName"])
+
+
+def add_instance(aws: Aws, stack: str, name: str, service: str = "greeter") -> str:
+    """An instance the aws_ec2 inventory counts as the stack's (what a stack update would add):
+    a backend, or with service="greeter-lb" the balancer.
 
     moto's stack updates are unreliable (see the emulator notes), so the instance is started
     directly with the tags CloudFormation puts on the stack's instances.
@@ -110,7 +130,7 @@ def add_instance(aws: Aws, stack: str, name: str) -> str:
                 "Tags": [
                     {"Key": "aws:cloudformation:stack-name", "Value": stack},
                     {"Key": "Name", "Value": name},
-                    {"Key": "Service", "Value": "greeter"},
+                    {"Key": "Service", "Value": service},
                     {"Key": "Project", "Value": "greeter"},
                     {"Key": "Environment", "Value": "dev"},
                 ],
@@ -134,7 +154,7 @@ FLEET_ALARM_FIELDS = (
 )
 
 
-def test_alarms_watch_every_instance_a_rerun_changes_nothing_and_teardown_removes_all(
+def test_alarms_watch_every_instance_the_balancer_too_a_rerun_changes_nothing_teardown_removes_all(
     aws: Aws, stack: str
 ) -> None:
     assert aws.provision(stack, "greeter_stack_instance_count=3").returncode == 0
@@ -147,29 +167,47 @@ def test_alarms_watch_every_instance_a_rerun_changes_nothing_and_teardown_remove
     subscriptions = aws.client("sns").list_subscriptions_by_topic(TopicArn=topic)["Subscriptions"]
     assert [(s["Protocol"], s["Endpoint"]) for s in subscriptions] == [("email", "ops@example.com")]
     ids = instance_ids(aws, stack)
-    assert len(ids) == 3
+    balancer = f"{stack}-lb"
+    assert sorted(ids) == [f"{stack}-1", f"{stack}-2", f"{stack}-3", balancer]
     found = alarms(aws, stack)
+    assert_fit_the_policies(stack, found)
     fleet = found.pop(f"{stack}/fleet/healthy-hosts")
     assert_alarms(found, expected_instance_alarms(stack, ids, topic))
+    # The front door is watched like a backend: recovered, rebooted, its CPU on the topic.
+    assert {
+        name.removeprefix(f"{stack}/{balancer}/"): (alarm["Dimensions"], alarm["AlarmActions"])
+        for name, alarm in found.items()
+        if name.startswith(f"{stack}/{balancer}/")
+    } == {
+        "system-status": (
+            [{"Name": "InstanceId", "Value": ids[balancer]}],
+            [f"arn:aws:automate:{REGION}:ec2:recover", topic],
+        ),
+        "instance-status": (
+            [{"Name": "InstanceId", "Value": ids[balancer]}],
+            [f"arn:aws:automate:{REGION}:ec2:reboot", topic],
+        ),
+        "cpu": ([{"Name": "InstanceId", "Value": ids[balancer]}], [topic]),
+    }
     assert {key: fleet[key] for key in FLEET_ALARM_FIELDS} == {
         "Namespace": "Greeter",
         "MetricName": "HealthyHosts",
         "Dimensions": [{"Name": "Stack", "Value": stack}],
         "Statistic": "Minimum",
         "ComparisonOperator": "LessThanThreshold",
-        "Threshold": 3.0,  # the fleet's size
+        "Threshold": 3.0,  # the number of backends: the balancer is not one
         "Period": 600,
         "EvaluationPeriods": 2,
         "TreatMissingData": "breaching",  # the probe stopped publishing
         "AlarmActions": [topic],
     }
-    assert first["changed"] == 3  # the topic, the instances' alarms, the fleet alarm
+    assert first["changed"] == 2  # the topic, the alarms (one task: the instances' and the fleet's)
 
     rerun = aws.playbook(stack, "alarms.yml", *settings)
     again = recap(rerun.stdout)["localhost"]
     assert (again["changed"], again["failed"]) == (0, 0)
     # Alarms already in place cost no module run: every one is skipped after the one read.
-    assert rerun.stdout.count("skipping: [localhost] => (item=") == 9, rerun.stdout[-3000:]
+    assert rerun.stdout.count("skipping: [localhost] => (item=") == 13, rerun.stdout[-3000:]
     assert not re.search(r"(ok|changed): \[localhost\] => \(item=[^)]*/", rerun.stdout)
 
     result = aws.playbook(stack, "teardown.yml", "greeter_teardown_confirm=true")
@@ -179,16 +217,24 @@ def test_alarms_watch_every_instance_a_rerun_changes_nothing_and_teardown_remove
     assert aws.live_stacks(stack) == []
 
 
-def test_alarms_follow_the_fleet_the_inventory_lists_and_the_variables(
+def test_alarms_follow_the_fleet_the_inventory_lists_the_balancer_included_and_the_variables(
     aws: Aws, stack: str
 ) -> None:
-    assert aws.provision(stack, "greeter_stack_instance_count=3").returncode == 0
+    no_balancer = ("greeter_stack_instance_count=3", "greeter_stack_balancer=false")
+    assert aws.provision(stack, *no_balancer).returncode == 0
     run_alarms(aws, stack, "greeter_probe_publish=true")
     [topic] = topics(aws, stack)
+    ids = instance_ids(aws, stack)
+    assert sorted(ids) == [f"{stack}-1", f"{stack}-2", f"{stack}-3"]  # no balancer, no alarm of one
+    fleet = f"{stack}/fleet/healthy-hosts"
+    assert sorted(alarms(aws, stack)) == sorted(
+        [*expected_instance_alarms(stack, ids, topic), fleet]
+    )
 
+    # A host and a balancer arrive, a host goes, and the variables change.
     fourth = add_instance(aws, stack, f"{stack}-4")
-    gone = instance_ids(aws, stack)[f"{stack}-2"]
-    aws.client("ec2").terminate_instances(InstanceIds=[gone])
+    balancer = add_instance(aws, stack, f"{stack}-lb", service="greeter-lb")
+    aws.client("ec2").terminate_instances(InstanceIds=[ids[f"{stack}-2"]])
     settings = (
         "greeter_alarms_cpu_threshold=65.5",
         "greeter_alarms_cpu_periods=4",
@@ -199,12 +245,22 @@ def test_alarms_follow_the_fleet_the_inventory_lists_and_the_variables(
     changes = run_alarms(aws, stack, *settings)
 
     ids = instance_ids(aws, stack)
-    assert sorted(ids) == [f"{stack}-1", f"{stack}-3", f"{stack}-4"]
-    assert ids[f"{stack}-4"] == fourth
+    assert sorted(ids) == [f"{stack}-1", f"{stack}-3", f"{stack}-4", f"{stack}-lb"]
+    assert (ids[f"{stack}-4"], ids[f"{stack}-lb"]) == (fourth, balancer)
     wanted = expected_instance_alarms(stack, ids, topic, cpu=(65.5, 60, 4), status_periods=5)
     assert_alarms(alarms(aws, stack), wanted)  # no fleet alarm without publishing
     assert changes["changed"] == 2  # alarms created or updated; the gone host's deleted
-    assert run_alarms(aws, stack, *settings)["changed"] == 0
+
+    # The balancer goes (greeter_stack_balancer turned off): its alarms go, nothing else changes.
+    aws.client("ec2").terminate_instances(InstanceIds=[balancer])
+    rerun = aws.playbook(stack, "alarms.yml", *settings)
+
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert recap(rerun.stdout)["localhost"]["changed"] == 1  # the deletion only
+    assert rerun.stdout.count("skipping: [localhost] => (item=") == 9, rerun.stdout[-3000:]
+    del ids[f"{stack}-lb"]
+    wanted = expected_instance_alarms(stack, ids, topic, cpu=(65.5, 60, 4), status_periods=5)
+    assert_alarms(alarms(aws, stack), wanted)
 
 
 def test_bad_values_fail_before_any_aws_call_each_with_its_own_message(
