@@ -78,7 +78,7 @@ def switched(output: str) -> list[list[str]]:
 
 
 def history(lab: LabSession, index: int) -> list[dict]:
-    lines = lab.ssh(lab.hosts[index], "cat /opt/greeter/history.jsonl").stdout.splitlines()
+    lines = lab.ssh(lab.hosts[index], "sudo cat /opt/greeter/history.jsonl").stdout.splitlines()
     return [json.loads(line) for line in lines]
 
 

@@ -9,15 +9,18 @@ a rollout cannot split the fleet is proven on lab hosts in test_deploy.py (the u
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from support.git_http import git_over_http, publish
 
 REPO = Path(__file__).resolve().parents[2]
 MODULE = REPO / "roles" / "greeter" / "library" / "greeter_git_resolve.py"
+REDACT = REPO / "roles" / "greeter" / "module_utils" / "greeter_redact.py"
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
 
 
@@ -27,12 +30,25 @@ def git(repo: Path, *args: str) -> str:
     ).stdout.strip()
 
 
+# Ansible ships a module with the role's module_utils it imports as ansible.module_utils.<name>;
+# this puts that one in place the same way before running the module as a script.
+WITH_MODULE_UTILS = """
+import importlib.util, runpy, sys
+utils, module, args = sys.argv[1:]
+spec = importlib.util.spec_from_file_location("ansible.module_utils.greeter_redact", utils)
+sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sys.modules[spec.name])
+sys.argv = [module, args]
+runpy.run_path(module, run_name="__main__")
+"""
+
+
 def resolve(tmp_path: Path, repo: str, version: str) -> dict:
     """Run the module as Ansible does (its arguments in a JSON file) and return its result."""
     args = tmp_path / "args.json"
     args.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": {"repo": repo, "version": version}}))
     result = subprocess.run(
-        [sys.executable, str(MODULE), str(args)],
+        [sys.executable, "-c", WITH_MODULE_UTILS, str(REDACT), str(MODULE), str(args)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -138,3 +154,25 @@ def test_a_branch_that_moves_resolves_to_its_new_head(
         assert resolve(tmp_path, origin["url"], "dev")["commit"] == origin["third"]
     finally:
         git(Path(origin["path"]), "update-ref", "refs/heads/dev", origin["second"])
+
+
+def test_a_url_with_credentials_resolves_and_its_messages_never_show_them(
+    origin: dict[str, str], tmp_path: Path
+) -> None:
+    """A repository behind a password, its token in greeter_repo_url: the module resolves with
+    it, and a failure names the repository without the user-info (***)."""
+    token = f"tok-{os.urandom(8).hex()}"
+    bare = Path(origin["path"])
+    publish(bare)
+    with git_over_http(bare.parent, "127.0.0.1", "deployer", token) as server:
+        url = server.url(bare.name)
+        answer = resolve(tmp_path, url, "dev")
+        assert answer.get("commit") == origin["second"], answer
+        assert server.admitted, "git never sent the credentials"
+        unknown = resolve(tmp_path, url, "v9.9.9")
+        wrong = resolve(tmp_path, url.replace(token, "wrong-token"), "main")
+    shown = f"http://***@127.0.0.1:{server.port}/{bare.name}"
+    assert unknown.get("failed") and f"not a branch or tag of {shown}" in unknown["msg"], unknown
+    assert wrong.get("failed") and f"cannot list the refs of {shown}" in wrong["msg"], wrong
+    for answer in (unknown, wrong):
+        assert token not in json.dumps(answer["msg"]) and "deployer" not in answer["msg"], answer

@@ -13,6 +13,7 @@ Tests run in file order on that one host; each leaves it serving plaintext.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -29,7 +30,8 @@ from pathlib import Path
 
 import pytest
 from support import watchdog
-from support.ansible import with_ssh_options
+from support.ansible import recap, with_ssh_options
+from support.git_http import git_over_http, publish
 from support.lab import LabSession, attach_lab, output
 
 # The first test also pays for the fixture: lab up, provision and the first deploy.
@@ -382,6 +384,74 @@ def test_diff_never_prints_a_value_of_greeter_extra_env(host: Host) -> None:
     assert secret not in output(removed), "the secret was printed when it was removed"
     assert not [line for line in service_environment(host) if "HARDENING_API_TOKEN" in line]
     host.assert_serves(host.current)
+
+
+def test_repo_credentials_and_extra_env_secrets_stay_secret(host: Host) -> None:
+    """greeter_repo_url carrying a token (a git server that wants it) and a secret in
+    greeter_extra_env: check mode, the deploy (both with --diff) and a rerun print neither;
+    nothing on the host that others can read holds either; the build marker keeps the URL
+    redacted and is root's; the history is root's to read (0640), an older 0644 one fixed; and
+    the release id, which GetVersion tells any client, is keyed: nobody can recompute it from a
+    guess of the configuration, as anyone could the role's plain hash. The rerun changes
+    nothing: the release key is the same run after run."""
+    token, secret = f"tok-{os.urandom(8).hex()}", f"s3cr3t-{os.urandom(8).hex()}"
+    hashed = hashlib.sha256(secret.encode()).hexdigest()[:12]
+    commit = new_commit(host, "secrets")  # branch hardening-secrets: resolved with the token too
+    git_root = host.state / "git"
+    publish(git_root / "greeter.git")
+    host.ssh("sudo chmod 0644 /opt/greeter/history.jsonl")  # as the role used to leave it
+    with git_over_http(git_root, host.bridge_address, "deployer", token) as server:
+        args = (
+            "-e", f"greeter_repo_url={server.url('greeter.git')}",
+            "-e", "greeter_version=hardening-secrets",
+            "-e", json.dumps({"greeter_extra_env": {"HARDENING_API_TOKEN": secret}}),
+            "--diff",
+        )  # fmt: skip
+        checked = output(host.playbook("playbooks/deploy.yml", *args, "--check"))
+        deployed = output(host.playbook("playbooks/deploy.yml", *args))
+        rerun = output(host.playbook("playbooks/deploy.yml", *args))
+    assert host.address in server.admitted, "the host did not fetch with the credentials"
+    host.assert_serves(commit)
+    host.activated(commit)
+    for shown in (checked, deployed, rerun):
+        assert token not in shown and secret not in shown, shown[-3000:]
+    assert f"http://***@{host.bridge_address}:{server.port}/greeter.git" in checked
+    assert recap(rerun)[host.name]["changed"] == 0, rerun[-3000:]
+
+    # On the host: the marker and the history are root's; nobody else can read either secret.
+    marker = f"/opt/greeter/builds/{commit}/.complete"
+    assert host.ssh(f"sudo stat -c %a {marker}").stdout.strip() in ("600", "640")
+    assert "http://***@" in host.ssh(f"sudo cat {marker}").stdout
+    history = "/opt/greeter/history.jsonl"
+    assert host.ssh(f"sudo stat -c '%a %U %G' {history}").stdout.split() == ["640", "root", "root"]
+    assert not host.ssh(f"sudo grep -rlF {token} /opt/greeter", check=False).stdout
+    readable = host.ssh(
+        f"sudo -u nobody grep -rlsF -e {token} -e {secret} "
+        "/opt /etc /var /tmp /home /root /run /srv",
+        check=False,
+    )
+    assert not readable.stdout, f"others can read a secret in: {readable.stdout}"
+
+    # What a client sees (GetVersion) and the history: no secret, no plain hash of one.
+    release = host.probe()["release"]
+    entries = host.ssh(f"sudo cat {history}").stdout
+    for seen in (release, entries):
+        assert secret not in seen and hashed not in seen and token not in seen
+    # The role's old release id: SHA-1 of the files' states and checksums, computable by anyone
+    # who guesses greeter.env's content (here read from the host).
+    folder = host.ssh("readlink /opt/greeter/current").stdout.strip()
+    assert folder.rsplit("/", 1)[-1] == release
+    sums = host.ssh(f"cd {folder} && sudo sha1sum greeter.env greeter.service").stdout.split()
+    plain = {
+        "greeter.env": {"state": "file", "owner": "root", "group": "greeter", "mode": "0640",
+                        "checksum": sums[0]},
+        "greeter.service": {"state": "file", "owner": "root", "group": "root", "mode": "0644",
+                            "checksum": sums[2]},
+    }  # fmt: skip
+    for text in (json.dumps(plain, sort_keys=True),
+                 json.dumps(plain, sort_keys=True, separators=(",", ":"))):  # fmt: skip
+        unkeyed = hashlib.sha1(text.encode()).hexdigest()[:12]  # noqa: S324 (the old scheme)
+        assert release != f"{commit}-{unkeyed}", "the release id is a plain hash of the config"
 
 
 # ---- bad playbook input ----------------------------------------------------------------------

@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import hashlib
+import hmac
+import importlib.util
 import json
+import os
 import secrets
 import socket
+import tempfile
 from pathlib import Path
+
+from ansible.errors import AnsibleFilterError
+
+
+def _load_redact():
+    """The role's module_utils/greeter_redact.py, which its modules use too: one rule for both."""
+    path = Path(__file__).resolve().parents[1] / "module_utils" / "greeter_redact.py"
+    spec = importlib.util.spec_from_file_location("_greeter_redact", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_redact = _load_redact()
 
 
 def greeter_drift(wanted: dict[str, dict], actual: dict[str, dict]) -> list[str]:
@@ -100,6 +119,80 @@ def greeter_run_identity(version: str) -> dict[str, str]:
     }
 
 
+def greeter_redact_url(value: object) -> object:
+    """`value` with the user-info of every URL in it replaced by *** (a string, or each string of
+    a list): https://user:TOKEN@host/x.git -> https://***@host/x.git. Anything else is returned
+    as it is."""
+    if isinstance(value, str):
+        return _redact.redact_url(value)
+    if isinstance(value, list):
+        return [greeter_redact_url(item) for item in value]
+    return value
+
+
+# The release key's length when the role makes it, and the least it accepts in a file of yours.
+_KEY_BYTES = 32
+
+
+def _release_key(key_file: str) -> bytes:
+    """The fleet's release key, read from `key_file` on the controller, made on first use.
+
+    Made race-free: several runs may start at once (the tests run deploys from several labs), so
+    the key is written to a private temporary file and hard-linked into place, which fails if
+    another run got there first; every run then reads the one file that won."""
+    path = Path(key_file).expanduser()
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".release-key-")  # 0600
+        try:
+            os.write(fd, f"{secrets.token_hex(_KEY_BYTES)}\n".encode())
+            os.fsync(fd)
+            os.close(fd)
+            with contextlib.suppress(FileExistsError):  # another run made it: theirs is the key
+                os.link(temporary, path)
+        finally:
+            os.unlink(temporary)
+    try:
+        info = path.stat()
+        key = path.read_bytes().strip()
+    except OSError as error:
+        raise AnsibleFilterError(
+            f"greeter_release_key_file: cannot read {path}: {error.strerror}. Nothing was changed."
+        ) from error
+    if info.st_mode & 0o077:
+        raise AnsibleFilterError(
+            f"greeter_release_key_file: {path} must be readable by its owner only (mode 0600), "
+            f"it is {info.st_mode & 0o777:04o}: chmod 600 it. Nothing was changed."
+        )
+    if len(key) < _KEY_BYTES:
+        raise AnsibleFilterError(
+            f"greeter_release_key_file: {path} must hold a key of at least {_KEY_BYTES} "
+            f"characters, it holds {len(key)} (remove the file and the role makes one). "
+            "Nothing was changed."
+        )
+    return key
+
+
+def greeter_release_key_ready(key_file: str) -> bool:
+    """True once the release key exists and only its owner can read it (made on first use);
+    an error naming greeter_release_key_file otherwise. The preflight asks this before any host
+    is touched."""
+    _release_key(key_file)
+    return True
+
+
+def greeter_config_digest(config: dict, key_file: str) -> str:
+    """The digest that names a release's configuration: HMAC-SHA256 of the configuration (each
+    file's state and checksum, as the role would write it) under the fleet's release key.
+
+    The release id (<commit>-<digest>) is shown to every client (GetVersion) and the
+    configuration holds greeter_extra_env values: a plain hash of it would let anyone check
+    guesses at those values. Keyed, it tells nothing to whoever lacks the key, and stays the
+    same for the same configuration as long as the key file does."""
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return hmac.new(_release_key(key_file), canonical.encode(), hashlib.sha256).hexdigest()
+
+
 class FilterModule:
     """Ansible's entry point for filter plugins."""
 
@@ -110,4 +203,7 @@ class FilterModule:
             "greeter_fleet": greeter_fleet,
             "greeter_batches": greeter_batches,
             "greeter_run_identity": greeter_run_identity,
+            "greeter_redact_url": greeter_redact_url,
+            "greeter_release_key_ready": greeter_release_key_ready,
+            "greeter_config_digest": greeter_config_digest,
         }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.greeter_redact import redact_url
 
 DOCUMENTATION = r"""
 ---
@@ -24,6 +25,8 @@ description:
     O(version), peeling annotated tags.
   - Fails clearly when the name is unknown or names both a branch and a tag.
   - Read-only; safe in check mode.
+  - Its messages never show the user-info of O(repo) (a token, often), nor of any URL in git's
+    own error output - they show C(***) instead.
 options:
   repo:
     description: URL of the repository.
@@ -74,6 +77,7 @@ def main() -> None:
         supports_check_mode=True,
     )
     repo, version = module.params["repo"], module.params["version"].strip()
+    shown = redact_url(repo)  # the URL as messages may show it: no credentials
     if COMMIT.match(version.lower()):
         module.exit_json(changed=False, commit=version.lower(), ref=None)
     git = module.get_bin_path("git", required=True)
@@ -89,20 +93,21 @@ def main() -> None:
         environ_update={"GIT_TERMINAL_PROMPT": "0"},
     )
     if rc != 0:
-        module.fail_json(msg=f"cannot list the refs of {repo}: {err.strip() or f'git exited {rc}'}")
+        reason = redact_url(err.strip()) or f"git exited {rc}"
+        module.fail_json(msg=f"cannot list the refs of {shown}: {reason}")
     refs = {
         ref: sha for sha, ref in (line.split("\t", 1) for line in out.splitlines() if "\t" in line)
     }
     if head in refs and tag in refs:
         module.fail_json(
-            msg=f"{version!r} is both a branch and a tag in {repo}: name it {tag} or {head}"
+            msg=f"{version!r} is both a branch and a tag in {shown}: name it {tag} or {head}"
         )
     if tag in refs:
         module.exit_json(changed=False, commit=refs.get(f"{tag}^{{}}", refs[tag]), ref=tag)
     if head in refs:
         module.exit_json(changed=False, commit=refs[head], ref=head)
     module.fail_json(
-        msg=f"version {version!r} is not a branch or tag of {repo} (nor a full 40-hex commit id)"
+        msg=f"version {version!r} is not a branch or tag of {shown} (nor a full 40-hex commit id)"
     )
 
 
