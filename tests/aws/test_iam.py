@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from aws_helpers import ADMIN_CIDR, REPO, Aws
+from aws_helpers import ADMIN_CIDR, KEY_NAME, REPO, Aws
 from cfnlint.decode import decode
 from support.aws_calls import (
     CLOUDFORMATION_UNUSED_PERMISSIONS,
@@ -26,6 +26,7 @@ from support.aws_calls import (
     provider_schema,
     unused_actions,
 )
+from support.lock_module import Worker
 
 pytestmark = pytest.mark.aws
 
@@ -276,10 +277,12 @@ def test_provision_hands_cloudformation_the_service_role_and_refuses_a_bad_one(
     assert "Nothing was created." in bad.stdout
     assert aws.live_stacks(stack) == []
 
+    aws.import_key_pair()  # provision.yml checks the region holds the key pair
     result = aws.playbook(
         stack,
         "provision.yml",
         f"greeter_stack_admin_cidr={ADMIN_CIDR}",
+        f"greeter_stack_key_name={KEY_NAME}",
         "greeter_stack_wait_for_ssh=false",
         env=aws.env(stack, GREETER_STACK_ROLE_ARN=ROLE_ARN),
     )
@@ -289,9 +292,17 @@ def test_provision_hands_cloudformation_the_service_role_and_refuses_a_bad_one(
 
 
 # Operator-policy actions only a run on lab hosts exercises (the end-to-end proof): the
-# deploy's outcome notice and the probe's metrics need hosts; the key pair check arrives with
-# provision.yml's DescribeKeyPairs change.
-NEEDS_HOSTS_OR_KEY_PAIR = {"sns:Publish", "cloudwatch:PutMetricData", "ec2:DescribeKeyPairs"}
+# deploy's outcome notice, the probe's metrics and the deploy lock's take and check need hosts
+# (teardown only deletes a leftover lock; test_the_deploy_lock_... below records the rest); the
+# key pair check arrives with provision.yml's DescribeKeyPairs change.
+NEEDS_HOSTS_OR_KEY_PAIR = {
+    "sns:Publish",
+    "cloudwatch:PutMetricData",
+    "ec2:DescribeKeyPairs",
+    "ssm:PutParameter",
+    "ssm:GetParameter",
+}
+LOCK_ACTIONS = {"ssm:PutParameter", "ssm:GetParameter", "ssm:DeleteParameter"}
 
 
 def test_provision_alarms_and_teardown_call_only_what_the_operator_policy_allows(
@@ -308,11 +319,15 @@ def test_provision_alarms_and_teardown_call_only_what_the_operator_policy_allows
         ("teardown.yml", ["greeter_teardown_confirm=true"]),
     ]
     durations = []
+    aws.import_key_pair()  # provision.yml checks the region holds the key pair
     with recorder.recording():
         for playbook, extra in steps:
             if playbook == "provision.yml":
                 extra_vars = [*extra, f"greeter_stack_admin_cidr={ADMIN_CIDR}"]
-                extra_vars.append("greeter_stack_wait_for_ssh=false")
+                extra_vars += [
+                    "greeter_stack_wait_for_ssh=false",
+                    f"greeter_stack_key_name={KEY_NAME}",
+                ]
             else:
                 extra_vars = extra
             started = time.monotonic()
@@ -330,6 +345,7 @@ def test_provision_alarms_and_teardown_call_only_what_the_operator_policy_allows
         "sns:Subscribe",
         "sns:Unsubscribe",
         "sns:DeleteTopic",
+        "ssm:DeleteParameter",  # a leftover deploy lock, if any
     } <= called
 
     policy = IAM / "operator-policy.json"
@@ -352,4 +368,41 @@ def test_provision_alarms_and_teardown_call_only_what_the_operator_policy_allows
     assert (
         "operator-policy.json does not allow cloudformation:UpdateStack, which was called"
         in check_policy(copy, called)
+    )
+
+
+def test_the_deploy_lock_calls_three_ssm_actions_on_greeter_parameters_both_deployers_hold(
+    aws: Aws,
+) -> None:
+    """A take, a refused take, the check before a batch, a break, the release and teardown's
+    purge, by the role's own module, recorded under their own key: exactly three SSM actions,
+    allowed to the operator and to CI's deploy role on /greeter/* parameters only."""
+    recorder = AwsCallRecorder(aws.endpoint)
+    key = "lock-caller"
+    worker = Worker(aws.env("iamlock", AWS_ACCESS_KEY_ID=key))
+    name = "/greeter/iamlock/deploy-lock"
+    first, second = "0123456789abcdef", "fedcba9876543210"
+    try:
+        with recorder.recording():
+            assert worker.call({"name": name, "run_id": first}).won
+            assert not worker.call({"name": name, "run_id": second}).won
+            assert worker.call({"name": name, "run_id": first, "state": "held"}).won
+            assert worker.call({"name": name, "run_id": second, "break_lock": first}).won
+            assert worker.call({"name": name, "run_id": second, "state": "absent"}).won
+            assert worker.call({"name": name, "state": "purged"}).won
+    finally:
+        worker.close()
+    called = recorder.actions(key)
+    assert called == LOCK_ACTIONS
+    for policy in ("operator-policy.json", "ci-deploy-policy.json"):
+        assert [p for p in check_policy(IAM / policy, called) if "does not allow" in p] == []
+        [statement] = [
+            s for s in load_policy(IAM / policy)["Statement"] if "ssm:PutParameter" in s["Action"]
+        ]
+        assert set(statement["Action"]) == LOCK_ACTIONS
+        assert statement["Resource"] == "arn:aws:ssm:*:ACCOUNT_ID:parameter/greeter/*"
+    assert not any(
+        action.startswith("ssm:")
+        for s in load_policy(IAM / "probe-policy.json")["Statement"]
+        for action in as_list(s["Action"])
     )
