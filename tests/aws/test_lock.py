@@ -126,7 +126,7 @@ def test_breaking_needs_the_run_id_or_staleness_and_the_refusal_shows_the_age(
     stale = run(take(lock, breaker, break_lock="stale", stale_after=2))
     assert stale.won, stale.msg
     assert re.search(
-        rf"Broke the fleet's deploy lock of run {dead} of ana@laptop: .* \d+ s ago "
+        rf"Broke the deploy lock of run {dead} of ana@laptop: .* \d+ s ago "
         r"\(greeter_lock_break=stale\)",
         stale.msg,
     ), stale.msg
@@ -137,7 +137,7 @@ def test_breaking_needs_the_run_id_or_staleness_and_the_refusal_shows_the_age(
     third = secrets.token_hex(8)
     named = run(take(lock, third, break_lock=breaker))
     assert named.won, named.msg
-    assert f"Broke the fleet's deploy lock of run {breaker}" in named.msg
+    assert f"Broke the deploy lock of run {breaker}" in named.msg
     assert stored(aws, lock)["run_id"] == third
 
 

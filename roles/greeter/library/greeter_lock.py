@@ -288,7 +288,7 @@ def break_and_take(module: AnsibleModule, ssm: Parameters, held: dict, mine: dic
         held=True,
         holder=mine,
         broken=public(held),
-        msg=f"Broke the fleet's deploy lock of {describe(held)} "
+        msg=f"Broke the deploy lock of {describe(held)} "
         f"(greeter_lock_break={module.params['break_lock']}).",
     )
 
