@@ -12,8 +12,9 @@ on ``/aws/...`` names, and resolves the Default even when a value is passed, so 
 fails until the parameter exists. Running the server in this process lets us add the parameters
 straight to moto's SSM backend. ``POST /moto-api/reset`` wipes them: restart instead of resetting.
 In the same process, a stack update is taught to follow Conditions (follow_conditions_on_update),
-so raising InstanceCount adds hosts as it does on AWS, and an instance is launched in its
-network interface's subnet (place_instances_by_their_network_interface).
+so raising InstanceCount adds hosts as it does on AWS, an instance is launched in its
+network interface's subnet (place_instances_by_their_network_interface), and SSM's parameter
+writes are atomic as on AWS (serialise_parameter_writes: the deploy lock relies on it).
 
 ``--port 0`` picks a free port; the ready file and the ready line carry the endpoint URL.
 
@@ -123,6 +124,29 @@ def place_instances_by_their_network_interface() -> None:
         return moto_create(cls, name, cloudformation_json, *args, **kwargs)
 
     Instance.create_from_cloudformation_json = classmethod(create)
+
+
+def serialise_parameter_writes() -> None:
+    """Make moto's SSM PutParameter and DeleteParameter atomic, as SSM's are.
+
+    The fleet's deploy lock (roles/greeter/library/greeter_lock.py) is a parameter created with
+    Overwrite=False: of two racing creates AWS accepts one and refuses the other with
+    ParameterAlreadyExists. moto checks for an existing parameter and stores the new one later in
+    the same method, unlocked, while its server answers requests on threads: two creates racing
+    on the server could both pass the check. One lock around the writes makes the emulator decide
+    as AWS does (tests/aws/test_lock.py races up to four creates at a time).
+    """
+    from moto.ssm.models import SimpleSystemManagerBackend  # noqa: PLC0415 - late, see main()
+
+    writes = threading.Lock()
+    for method in ("put_parameter", "delete_parameter"):
+        moto_method = getattr(SimpleSystemManagerBackend, method)
+
+        def locked(self: object, *args: object, _moto=moto_method, **kwargs: object) -> object:
+            with writes:
+                return _moto(self, *args, **kwargs)
+
+        setattr(SimpleSystemManagerBackend, method, locked)
 
 
 def loopback_host(value: str) -> str:
@@ -245,6 +269,7 @@ def serve(args: argparse.Namespace) -> int:
     seed_image_parameters()
     follow_conditions_on_update()
     place_instances_by_their_network_interface()
+    serialise_parameter_writes()
     server = ThreadedMotoServer(ip_address=args.host, port=args.port, verbose=False)
     try:
         server.start()

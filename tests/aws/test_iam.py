@@ -26,6 +26,7 @@ from support.aws_calls import (
     provider_schema,
     unused_actions,
 )
+from support.lock_module import Worker
 
 pytestmark = pytest.mark.aws
 
@@ -283,8 +284,10 @@ def test_provision_hands_cloudformation_the_service_role_and_refuses_a_bad_one(
 
 
 # Operator-policy actions only a run on lab hosts exercises (the end-to-end proof in
-# tests/dayone): the deploy's outcome notice and the probe's metrics need hosts.
-NEEDS_HOSTS = {"sns:Publish", "cloudwatch:PutMetricData"}
+# tests/dayone): the deploy's outcome notice, the probe's metrics and the deploy lock's take and
+# check (teardown only deletes a leftover lock; test_the_deploy_lock_... below records the rest).
+NEEDS_HOSTS = {"sns:Publish", "cloudwatch:PutMetricData", "ssm:PutParameter", "ssm:GetParameter"}
+LOCK_ACTIONS = {"ssm:PutParameter", "ssm:GetParameter", "ssm:DeleteParameter"}
 
 
 def test_provision_alarms_and_teardown_call_only_what_the_operator_policy_allows(
@@ -344,4 +347,41 @@ def test_provision_alarms_and_teardown_call_only_what_the_operator_policy_allows
     assert (
         "operator-policy.json does not allow cloudformation:UpdateStack, which was called"
         in check_policy(copy, called)
+    )
+
+
+def test_the_deploy_lock_calls_three_ssm_actions_on_greeter_parameters_both_deployers_hold(
+    aws: Aws,
+) -> None:
+    """A take, a refused take, the check before a batch, a break, the release and teardown's
+    purge, by the role's own module, recorded under their own key: exactly three SSM actions,
+    allowed to the operator and to CI's deploy role on /greeter/* parameters only."""
+    recorder = AwsCallRecorder(aws.endpoint)
+    key = "lock-caller"
+    worker = Worker(aws.env("iamlock", AWS_ACCESS_KEY_ID=key))
+    name = "/greeter/iamlock/deploy-lock"
+    first, second = "0123456789abcdef", "fedcba9876543210"
+    try:
+        with recorder.recording():
+            assert worker.call({"name": name, "run_id": first}).won
+            assert not worker.call({"name": name, "run_id": second}).won
+            assert worker.call({"name": name, "run_id": first, "state": "held"}).won
+            assert worker.call({"name": name, "run_id": second, "break_lock": first}).won
+            assert worker.call({"name": name, "run_id": second, "state": "absent"}).won
+            assert worker.call({"name": name, "state": "purged"}).won
+    finally:
+        worker.close()
+    called = recorder.actions(key)
+    assert called == LOCK_ACTIONS
+    for policy in ("operator-policy.json", "ci-deploy-policy.json"):
+        assert [p for p in check_policy(IAM / policy, called) if "does not allow" in p] == []
+        [statement] = [
+            s for s in load_policy(IAM / policy)["Statement"] if "ssm:PutParameter" in s["Action"]
+        ]
+        assert set(statement["Action"]) == LOCK_ACTIONS
+        assert statement["Resource"] == "arn:aws:ssm:*:ACCOUNT_ID:parameter/greeter/*"
+    assert not any(
+        action.startswith("ssm:")
+        for s in load_policy(IAM / "probe-policy.json")["Statement"]
+        for action in as_list(s["Action"])
     )

@@ -34,10 +34,16 @@ def test_teardown_deletes_everything_and_a_rerun_changes_nothing(aws: Aws, stack
         for mapping in instance["BlockDeviceMappings"]
     ]
     assert len(volumes) == 3  # two hosts and the balancer
+    # A deploy killed on the controller leaves the fleet's deploy lock in the account.
+    ssm = aws.client("ssm")
+    lock, other = f"/greeter/{stack}/deploy-lock", f"/greeter/{stack}x/deploy-lock"
+    for name in (lock, other):
+        ssm.put_parameter(Name=name, Value='{"run_id": "0123456789abcdef"}', Type="String")
 
     first = aws.playbook(stack, "teardown.yml", "greeter_teardown_confirm=true")
     assert first.returncode == 0, first.stdout + first.stderr
-    assert recap(first.stdout)["changed"] == 1
+    assert recap(first.stdout)["changed"] == 2  # the lock and the stack
+    assert [p["Name"] for p in ssm.get_parameters(Names=[lock, other])["Parameters"]] == [other]
 
     assert aws.live_stacks(stack) == []
     assert {i["State"]["Name"] for i in aws.instances(stack)} == {"terminated"}

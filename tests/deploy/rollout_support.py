@@ -7,8 +7,9 @@ import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import boto3
 import pytest
 
 if TYPE_CHECKING:
@@ -134,6 +135,37 @@ def lab_commit(lab: LabSession) -> str:
 
 def veth(lab: LabSession, index: int) -> str:
     return json.loads((lab.state / "lab.json").read_text())["hosts"][index]["veth"]
+
+
+def lock_name(lab: LabSession) -> str:
+    """The fleet's deploy lock: an SSM parameter named after the lab's stack."""
+    return f"/greeter/{lab.env['GREETER_STACK_NAME']}/deploy-lock"
+
+
+def ssm(lab: LabSession) -> Any:
+    """A boto3 SSM client of the lab's emulator (AWS_ENDPOINT_URL from the lab's environment)."""
+    keys = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")
+    endpoint, key, secret, region = (lab.env[k] for k in keys)
+    return boto3.client(
+        "ssm",
+        endpoint_url=endpoint,
+        region_name=region,
+        aws_access_key_id=key,
+        aws_secret_access_key=secret,
+    )
+
+
+def lock_holder(lab: LabSession) -> dict | None:
+    """The lock's record, or None when nobody holds it."""
+    found = ssm(lab).get_parameters(Names=[lock_name(lab)])["Parameters"]
+    return json.loads(found[0]["Value"]) if found else None
+
+
+def run_id(output: str) -> str:
+    """The run id a run says it holds the lock under."""
+    match = re.search(r"This is run ([0-9a-f]{16}); it holds the deploy lock", text(output))
+    assert match, text(output)[-3000:]
+    return match[1]
 
 
 def quick_loss_env(lab: LabSession, tmp: Path) -> dict[str, str]:

@@ -28,8 +28,8 @@ def busy(extra_lab: Callable[..., LabSession]) -> LabSession:
 
 
 def nothing_deployed(lab: LabSession, host_index: int) -> bool:
-    """No build, release or lock under /opt/greeter (the first host's deploy lock, taken and
-    released by the failed run, leaves the empty folder)."""
+    """No build or release under /opt/greeter (empty or absent; the deploy lock is in the
+    account, not on a host)."""
     return lab.ssh(lab.hosts[host_index], NOTHING_DEPLOYED, check=False).returncode == 0
 
 

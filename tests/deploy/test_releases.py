@@ -171,8 +171,7 @@ def test_bullseye_is_refused_by_name_before_anything_changes(
         r"Nothing was changed",
         text,
     ), text[-3000:]
-    # Nothing under /opt/greeter: the deploy lock (taken there and released by the failed run)
-    # leaves only the empty folder.
+    # Nothing under /opt/greeter (the deploy lock is an SSM parameter, not a folder on a host).
     empty = bullseye.ssh(host, 'test -z "$(sudo ls -A /opt/greeter 2>/dev/null)"', check=False)
     assert empty.returncode == 0, bullseye.ssh(host, "sudo ls -laR /opt/greeter", check=False)
     assert bullseye.ssh(host, "dpkg -s python3-venv", check=False).returncode != 0

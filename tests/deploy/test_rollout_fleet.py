@@ -24,16 +24,21 @@ from rollout_support import (
     deploy,
     history,
     lab_commit,
+    lock_holder,
+    lock_name,
     patch_server,
     quick_loss_env,
     release,
     releases,
+    run_id,
     serves,
+    ssm,
     switched,
     text,
     veth,
 )
 from support.ansible import recap
+from support.lock_module import Worker
 
 if TYPE_CHECKING:
     from conftest import LabSession
@@ -62,38 +67,129 @@ def test_two_deploys_started_together_exactly_one_proceeds(fleet: LabSession) ->
         for _ in range(2)
     ]  # fmt: skip
     outputs = [run.communicate(timeout=600)[0] for run in runs]
-    codes = sorted(run.returncode for run in runs)
-    assert codes[0] == 0 and codes[1] != 0, outputs
-    refused = text(outputs[[run.returncode for run in runs].index(codes[1])])
+    codes = [run.returncode for run in runs]
+    assert sorted(codes)[0] == 0 and sorted(codes)[1] != 0, outputs
+    winner = run_id(outputs[codes.index(0)])
+    refused = text(outputs[1 - codes.index(0)])
     controller = socket.gethostname()
+    # The loser names the winner: its run id, user@controller, what and which version, its age.
+    name = re.escape(lock_name(fleet))
     assert re.search(
-        rf"Another deploy holds the fleet's lock: \S+ on {re.escape(controller)}, "
-        rf"version {lab_commit(fleet)}, started 20\d\d-\d\d-\d\dT[0-9:]+Z\. Nothing was changed",
+        rf"Another run holds the fleet's deploy lock \(SSM parameter {name}\): "
+        rf"run {winner} of \S+@{re.escape(controller)}: deploy of {lab_commit(fleet)} "
+        rf"\(play \"Deploy in rolling batches behind the health gate\"\), "
+        rf"taken 20\d\d-\d\d-\d\dT[0-9:]+Z, \d+ s ago\. Nothing was changed",
         refused,
     ), refused[-3000:]
+    assert f"-e greeter_lock_break={winner}" in refused
     assert "Read the host's deployment state" not in refused  # refused before touching a host
+    assert lock_holder(fleet) is None  # the winner released it
+
+
+DEAD = {"run_id": "dead0000deadbeef", "user": "ana", "controller": "laptop", "action": "deploy",
+        "version": "v0.9", "play": "Deploy", "time": "2026-01-01T00:00:00Z"}  # fmt: skip
 
 
 def test_a_stale_lock_is_broken_only_when_asked(fleet: LabSession) -> None:
-    holder = json.dumps(
-        {"token": "dead", "user": "ana", "controller": "laptop", "version": "v0.9",
-         "started": "2026-01-01T00:00:00Z"}
-    )  # fmt: skip
-    fleet.ssh(
-        fleet.hosts[0],
-        f"sudo mkdir /opt/greeter/deploy.lock && echo '{holder}' "
-        "| sudo tee /opt/greeter/deploy.lock/holder.json >/dev/null",
-    )
-    refused = deploy(fleet, check=False)
-    assert refused.returncode != 0
-    assert (
-        "Another deploy holds the fleet's lock: ana on laptop, version v0.9, "
-        "started 2026-01-01T00:00:00Z" in text(refused)
-    ), text(refused)[-3000:]
-    broke = deploy(fleet, "-e", "greeter_lock_break=true")
-    assert "Broke the deploy lock" in text(broke)
-    gone = fleet.ssh(fleet.hosts[0], "test ! -e /opt/greeter/deploy.lock", check=False)
-    assert gone.returncode == 0
+    """A killed run's lock refuses deploys and rollbacks alike; greeter_lock_break=true no longer
+    breaks anything; naming the dead run's id does."""
+    ssm(fleet).put_parameter(Name=lock_name(fleet), Value=json.dumps(DEAD), Type="String")
+    held = r"run dead0000deadbeef of ana@laptop: deploy of v0\.9 \(play \"Deploy\"\), taken "
+    for playbook in ("playbooks/deploy.yml", "playbooks/rollback.yml"):
+        refused = fleet.playbook(playbook, check=False)
+        assert refused.returncode != 0
+        out = text(refused)
+        assert re.search(held + r"2026-01-01T00:00:00Z, \d+ s ago\. Nothing was changed", out), out[
+            -3000:
+        ]
+        assert "-e greeter_lock_break=dead0000deadbeef" in out
+        assert "Read the host's deployment state" not in out
+    unnamed = deploy(fleet, "-e", "greeter_lock_break=true", check=False)
+    assert unnamed.returncode != 0
+    assert "greeter_lock_break must be empty, 'stale' or the run id" in text(unnamed)
+    assert lock_holder(fleet) == DEAD
+    broke = deploy(fleet, "-e", "greeter_lock_break=dead0000deadbeef")
+    assert re.search(
+        r"Broke the deploy lock of " + held + r".* \(greeter_lock_break=dead0000deadbeef\)",
+        text(broke),
+    ), text(broke)[-3000:]
+    assert lock_holder(fleet) is None
+
+
+def test_with_the_first_host_down_a_deploy_of_the_others_takes_the_lock_and_succeeds(
+    fleet: LabSession, tmp_path: Path
+) -> None:
+    """Issue 22: the lock was a folder on greeter-1, so its loss blocked every deploy."""
+    link = veth(fleet, 0)
+    subprocess.run(["ip", "link", "set", link, "down"], check=True)
+    try:
+        result = fleet.playbook(
+            "playbooks/deploy.yml", "--limit", "greeter_servers:!greeter-1",
+            env=quick_loss_env(fleet, tmp_path), check=False,
+        )  # fmt: skip
+    finally:
+        subprocess.run(["ip", "link", "set", link, "up"], check=True)
+    assert result.returncode == 0, text(result)[-3000:]
+    run_id(result.stdout)
+    assert set(recap(result.stdout)) == {"greeter-2", "greeter-3"}
+    assert lock_holder(fleet) is None
+
+
+BREAKER = "b0000000000000be"
+
+
+def test_a_run_whose_lock_is_broken_stops_before_its_next_batch_and_touches_nothing_more(
+    fleet: LabSession,
+) -> None:
+    """Another run breaks this one's lock while its first batch bakes: it must not switch the
+    next batch, nor put the first back (the breaker may be changing the fleet now)."""
+    before = releases(fleet)
+    breaker = Worker(fleet.env)  # warm before the race: the break must land inside the bake
+    args = ["ansible-playbook", "playbooks/deploy.yml", "-e", '{"greeter_serial": [1]}',
+            "-e", '{"greeter_extra_env": {"GREETER_LOCK_TEST": "1"}}',  # a config-only release
+            "-e", "greeter_bake_seconds=10"]  # fmt: skip
+    lines: list[str] = []
+    broken = None
+    try:
+        with subprocess.Popen(
+            args,
+            cwd=REPO,
+            env=fleet.env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        ) as play:
+            assert play.stdout is not None
+            for line in play.stdout:
+                lines.append(line)
+                if broken is None and line.startswith("TASK [greeter : Switch current"):
+                    held = lock_holder(fleet)
+                    assert held is not None
+                    broken = breaker.call(
+                        {"name": lock_name(fleet), "run_id": BREAKER, "break_lock": held["run_id"],
+                         "record": {"user": "bo", "controller": "ci"}}
+                    )  # fmt: skip
+            rc = play.wait(timeout=600)
+        output = "".join(lines)
+        out = text(output)
+        assert broken is not None and broken.won, broken
+        assert rc != 0, out[-3000:]
+        assert switched(output) == [["greeter-1"]], out[-3000:]
+        assert re.search(
+            rf"This run's deploy lock \(run {held['run_id']}, SSM parameter "
+            rf"{re.escape(lock_name(fleet))}\) was broken: it is now held by run b0000000000000be "
+            r"of bo@ci.*This run stopped at once and changed nothing more \(no host was put back\)",
+            out,
+        ), out[-3000:]
+        now = releases(fleet)
+        assert now[0] != before[0] and now[1:] == before[1:]  # greeter-1 kept, none put back
+        assert lock_holder(fleet)["run_id"] == BREAKER  # not the broken run's to delete
+        print(f"\n[lock] broken run: {len(switched(output))} batch switched, then stopped")
+    finally:
+        breaker.call({"name": lock_name(fleet), "run_id": BREAKER, "state": "absent"})
+        breaker.close()
+    deploy(fleet)  # greeter-1 back to the fleet's configuration
+    assert releases(fleet) == before
 
 
 def test_a_host_unreachable_while_preparing_stops_every_host_before_any_switch(

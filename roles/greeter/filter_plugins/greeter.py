@@ -108,11 +108,12 @@ def greeter_batches(hosts: list[str], serial: int | str | list) -> list[list[str
 def greeter_run_identity(version: str) -> dict[str, str]:
     """Who runs this deploy, from where, of what: the holder record of the deploy lock.
 
-    Read in the controller's own process (no lookup spawning a shell), with a random token
-    that tells this run's lock from any other's.
+    Read in the controller's own process (no lookup spawning a shell), with a random run id
+    (16 hex digits) that tells this run's lock from any other's: a refused run names it, and
+    ``greeter_lock_break=<run id>`` breaks that run's lock; the history's ``run`` field holds it.
     """
     return {
-        "token": secrets.token_hex(8),
+        "run_id": secrets.token_hex(8),
         "user": getpass.getuser(),
         "controller": socket.gethostname(),
         "version": version,
