@@ -90,8 +90,9 @@ def test_provision_creates_the_stack_with_every_host_locked_down(aws: Aws, stack
 
     # moto drops MetadataOptions of AWS::EC2::Instance (describe_instances says HttpTokens
     # "optional"), so check the template the stack was really created from, as expanded.
-    body = cloudformation.get_template(StackName=stack, TemplateStage="Processed")["TemplateBody"]
-    resources = cfn_yaml.loads(body)["Resources"]
+    # The processed template is JSON, which botocore hands back parsed.
+    processed = cloudformation.get_template(StackName=stack, TemplateStage="Processed")
+    resources = processed["TemplateBody"]["Resources"]
     for resource in ("Instance1", "Instance2", "Instance3", "Balancer"):
         options = resources[resource]["Properties"]["MetadataOptions"]
         assert options["HttpTokens"] == "required"
