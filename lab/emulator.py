@@ -11,10 +11,13 @@ SSM parameter. moto ships no ``/aws/service/canonical/...`` parameters, refuses 
 on ``/aws/...`` names, and resolves the Default even when a value is passed, so every stack create
 fails until the parameter exists. Running the server in this process lets us add the parameters
 straight to moto's SSM backend. ``POST /moto-api/reset`` wipes them: restart instead of resetting.
-In the same process, a stack update is taught to follow Conditions (follow_conditions_on_update),
-so raising InstanceCount adds hosts as it does on AWS, an instance is launched in its
-network interface's subnet (place_instances_by_their_network_interface), and SSM's parameter
-writes are atomic as on AWS (serialise_parameter_writes: the deploy lock relies on it).
+In the same process, moto is taught what stack.yaml needs and it lacks: the
+AWS::LanguageExtensions transform (Fn::ForEach), expanded for the stack's parameter values on
+create and update (expand_language_extensions, with lab/stack_template.py); a stack update
+that tags the instances it adds and follows Conditions (follow_conditions_on_update), so raising
+the instance count adds hosts as it does on AWS; an instance launched in its network
+interface's subnet (place_instances_by_their_network_interface); and SSM's parameter writes made
+atomic as on AWS (serialise_parameter_writes: the deploy lock relies on it).
 
 ``--port 0`` picks a free port; the ready file and the ready line carry the endpoint URL.
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import logging
 import os
 import shutil
@@ -65,14 +69,70 @@ UBUNTU_IMAGE_PARAMETERS = {
 READY_TIMEOUT_SECONDS = 150.0
 
 
-def follow_conditions_on_update() -> None:
-    """Make moto's stack update create and delete resources whose Condition changed.
+def expand_language_extensions() -> None:
+    """Make moto expand the AWS::LanguageExtensions transform (Fn::ForEach) as CloudFormation does.
 
-    moto compares resource definitions only, so raising InstanceCount (or turning the balancer
-    on) creates nothing and lowering it deletes nothing, where CloudFormation does both. After
-    moto's own update, create each resource whose condition now holds and that does not exist
-    (tagged like moto tags what a create makes: the inventory finds instances by those tags),
-    and delete each whose condition no longer holds.
+    moto parses a stack's template as it is, and fails on stack.yaml's Fn::ForEach loops. Expand
+    the template for the stack's parameter values (the create's, then each update's) before
+    moto reads it. The stack keeps the template as it was sent, which GetTemplate returns, and
+    GetTemplate with TemplateStage Processed returns the expansion, as on AWS.
+    """
+    import inspect  # noqa: PLC0415
+
+    from cfnlint.decode import decode_str  # noqa: PLC0415 - late import, see main()
+    from moto.cloudformation.models import Stack  # noqa: PLC0415
+    from moto.cloudformation.responses import CloudFormationResponse  # noqa: PLC0415
+    from moto.core.responses import ActionResult  # noqa: PLC0415
+    from stack_template import declares_the_transform, expand  # noqa: PLC0415
+
+    moto_init, moto_update, moto_parse = Stack.__init__, Stack.update, Stack._parse_template
+    moto_get_template = CloudFormationResponse.get_template
+    init_signature = inspect.signature(moto_init)
+
+    def parse(self: Stack) -> None:
+        moto_parse(self)
+        if isinstance(self.template, str) and declares_the_transform(self.template_dict):
+            # cfn-lint's decoder, not moto's: moto's leaves a short-form tag inside another
+            # (!GetAtt [!Sub ...]) as a raw YAML node.
+            template, errors = decode_str(self.template)
+            if errors:
+                raise ValueError(errors[0].message)
+            self.template_dict = expand(template, self._greeter_parameters, self.region_name)
+
+    def init(self: Stack, *args: object, **kwargs: object) -> None:
+        bound = init_signature.bind(self, *args, **kwargs).arguments
+        self._greeter_parameters = bound.get("parameters") or {}
+        # moto sets the region after parsing the template; the expansion needs it first.
+        self.region_name = bound["region_name"]
+        moto_init(self, *args, **kwargs)
+
+    def update(self: Stack, template: str, *args: object, **kwargs: object) -> None:
+        parameters = kwargs.get("parameters", args[1] if len(args) > 1 else None)
+        self._greeter_parameters = parameters or self.parameters
+        moto_update(self, template, *args, **kwargs)
+
+    def get_template(self: CloudFormationResponse) -> ActionResult:
+        if self._get_param("TemplateStage") != "Processed":
+            return moto_get_template(self)
+        stack = self.cloudformation_backend.get_stack(self._get_param("StackName"))
+        body = json.dumps(stack.template_dict)
+        return ActionResult({"TemplateBody": body, "StagesAvailable": ["Original", "Processed"]})
+
+    Stack._parse_template = parse
+    Stack.__init__ = init
+    Stack.update = update
+    CloudFormationResponse.get_template = get_template
+
+
+def follow_conditions_on_update() -> None:
+    """Make moto's stack update tag the resources it adds and follow their Conditions.
+
+    moto's update creates a resource new to the template (an instance a longer InstanceNumbers
+    adds) without the stack's tags (aws:cloudformation:stack-name, which the inventory filters
+    on), and compares resource definitions only, so turning the balancer on creates nothing and
+    off deletes nothing, where CloudFormation does both. After moto's own update, create each
+    resource whose condition now holds and that does not exist, tag each that did not exist
+    before (as moto tags what a create makes), and delete each whose condition no longer holds.
     """
     from moto.cloudformation.parsing import ResourceMap  # noqa: PLC0415 - late import, see main()
     from moto.ec2 import models as ec2_models  # noqa: PLC0415
@@ -81,13 +141,20 @@ def follow_conditions_on_update() -> None:
     moto_update = ResourceMap.update
 
     def update(self: ResourceMap, template: dict, parameters: dict | None = None) -> None:
+        dropped = set(self._resource_json_map) - set(template["Resources"])
+        existed = {name for name, made in self._parsed_resources.items() if made is not None}
         moto_update(self, template, parameters)
+        # moto deletes a resource the template drops but keeps it parsed, and would hand the
+        # deleted one back if a later update brought the name back (an instance count raised
+        # again): forget it.
+        for name in dropped:
+            self._parsed_resources.pop(name, None)
         for name, resource in template["Resources"].items():
             condition = resource.get("Condition")
             wanted = not condition or bool(self.lazy_condition_map[condition])
             made = self._parsed_resources.get(name) is not None
-            if wanted and not made:
-                instance = self[name]
+            if wanted and name not in existed:
+                instance = self[name]  # creates it unless moto's update did
                 if isinstance(instance, TaggedEC2Resource):
                     tags = dict(self.tags, **{"aws:cloudformation:logical-id": name})
                     backend = ec2_models.ec2_backends[self._account_id][self._region_name]
@@ -267,6 +334,7 @@ def serve(args: argparse.Namespace) -> int:
         signal.signal(signum, lambda *_: stop.set())
 
     seed_image_parameters()
+    expand_language_extensions()
     follow_conditions_on_update()
     place_instances_by_their_network_interface()
     serialise_parameter_writes()

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 from aws_helpers import REPO, Aws
-from cfnlint.decode import decode
 from support.aws_calls import (
     CLOUDFORMATION_UNUSED_PERMISSIONS,
     IAM_ONLY_ACTIONS,
     AwsCallRecorder,
     check_cloudformation_role,
     check_policy,
+    expanded_template,
     load_policy,
     parse_entry,
     parse_recording,
@@ -225,9 +225,7 @@ def test_the_service_role_holds_exactly_what_the_schemas_say_cloudformation_need
 
 
 def test_each_left_out_permission_belongs_to_a_property_stack_yaml_does_not_set() -> None:
-    template, errors = decode(str(REPO / "stack.yaml"))
-    assert not errors
-    resources = template["Resources"].values()
+    resources = expanded_template(REPO / "stack.yaml")["Resources"].values()
     for action, (resource_type, properties) in CLOUDFORMATION_UNUSED_PERMISSIONS.items():
         schema = provider_schema(resource_type)
         assert set(properties) <= set(schema["properties"]), (action, properties)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 from aws_helpers import Aws, tags
-from cfnlint.decode import cfn_yaml
 
 pytestmark = pytest.mark.aws
 
@@ -40,8 +39,11 @@ def test_a_private_subnet_stack_is_reached_by_private_address(aws: Aws, stack: s
 
     # Every instance's primary interface asks for no public address (whatever the subnet
     # would give) and carries the instance's groups; the emulator places it in that subnet.
-    body = aws.client("cloudformation").get_template(StackName=stack)["TemplateBody"]
-    resources = cfn_yaml.loads(body)["Resources"]
+    # As expanded (stack.yaml's Fn::ForEach): JSON, which botocore hands back parsed.
+    processed = aws.client("cloudformation").get_template(
+        StackName=stack, TemplateStage="Processed"
+    )
+    resources = processed["TemplateBody"]["Resources"]
     for resource in ("Instance1", "Instance2", "Balancer"):
         group = "BalancerSecurityGroup" if resource == "Balancer" else "SecurityGroup"
         (interface,) = resources[resource]["Properties"]["NetworkInterfaces"]["Fn::If"][1]

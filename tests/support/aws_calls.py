@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import base64
 import fnmatch
+import importlib
 import json
 import re
+import sys
 import urllib.request
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -284,13 +286,32 @@ def _schemas_dir() -> Path:
 
 
 def resource_types(template_path: Path | str) -> set[str]:
-    """The resource types a CloudFormation template (YAML with short-form tags) declares."""
-    from cfnlint.decode import decode  # noqa: PLC0415 -- parses !Ref and friends
+    """The resource types a CloudFormation template (YAML with short-form tags) declares, read
+    from its expansion: resources inside an Fn::ForEach loop count as well."""
+    return {resource["Type"] for resource in expanded_template(template_path)["Resources"].values()}
 
-    template, errors = decode(str(template_path))
-    if errors:
-        raise ValueError(f"{template_path}: {errors}")
-    return {resource["Type"] for resource in template["Resources"].values()}
+
+def expanded_template(template_path: Path | str) -> dict[str, Any]:
+    """The template as CloudFormation processes it (lab/stack_template.py), its loops run for two
+    items (two are enough to tell a loop from a single resource; every item is alike)."""
+    stack_template = _lab_module("stack_template")
+    template = stack_template.load(template_path)
+    collections = [
+        loop[1]
+        for section in ("Resources", "Outputs", "Conditions")
+        for key, loop in template.get(section, {}).items()
+        if key.startswith(stack_template.FOR_EACH)
+    ]
+    two = {c["Ref"]: "1,2" for c in collections if isinstance(c, dict) and "Ref" in c}
+    return stack_template.expand(template, two)
+
+
+def _lab_module(name: str) -> Any:
+    """A module of lab/ (standard library and cfn-lint only), imported by path."""
+    lab = str(Path(__file__).resolve().parents[2] / "lab")
+    if lab not in sys.path:
+        sys.path.insert(0, lab)
+    return importlib.import_module(name)
 
 
 def provider_schema(resource_type: str, region: str = "us-east-1") -> dict[str, Any]:
