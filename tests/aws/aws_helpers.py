@@ -131,6 +131,22 @@ class Aws:
             args += ["-e", assignment]
         return self.run(stack, *args, env=env)
 
+    def on_localhost(self, stack: str, template: str, env: dict[str, str] | None = None) -> str:
+        """`template` as the implicit localhost (where provision.yml runs) renders it, with the
+        inventory's variables: the text ansible's debug module printed."""
+        shown = self.run(
+            stack,
+            str(BIN / "ansible"),
+            "localhost",
+            "-m",
+            "ansible.builtin.debug",
+            "-a",
+            json.dumps({"msg": template}),
+            env=env,
+        )
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        return shown.stdout
+
     def import_key_pair(self, region: str = REGION) -> None:
         """The tests' key pair KEY_NAME in `region`, once."""
         ec2 = self.client("ec2", region)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -63,20 +62,10 @@ def test_a_second_inventory_directory_adds_vars_to_the_aws_hosts(
 
     # The implicit localhost (where provision.yml runs) sees the second group_vars/all too,
     # and they win over the repository's defaults.
-    shown = aws.run(
-        stack,
-        str(BIN / "ansible"),
-        "localhost",
-        "-m",
-        "ansible.builtin.debug",
-        "-a",
-        json.dumps(
-            {"msg": "env={{ greeter_stack_environment }} project={{ greeter_stack_project }}"}
-        ),
-        env=env,
+    shown = aws.on_localhost(
+        stack, "env={{ greeter_stack_environment }} project={{ greeter_stack_project }}", env=env
     )
-    assert shown.returncode == 0, shown.stdout + shown.stderr
-    assert "env=lab project=greeter" in shown.stdout
+    assert "env=lab project=greeter" in shown
 
 
 @pytest.mark.parametrize(

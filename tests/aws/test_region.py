@@ -4,7 +4,6 @@ same in the inventory and the playbooks (plugins/lookup/greeter_aws_region.py); 
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
@@ -60,18 +59,8 @@ def test_provision_and_the_inventory_use_the_same_region(
     inventory = aws.inventory(stack, env=env)
     group = "aws_region_" + region.replace("-", "_")
     assert sorted(inventory[group]["hosts"]) == names
-    shown = aws.run(
-        stack,
-        str(BIN / "ansible"),
-        "localhost",
-        "-m",
-        "ansible.builtin.debug",
-        "-a",
-        json.dumps({"msg": "region={{ greeter_stack_region }}"}),
-        env=env,
-    )
-    assert shown.returncode == 0, shown.stdout + shown.stderr
-    assert f"region={region}" in shown.stdout
+    shown = aws.on_localhost(stack, "region={{ greeter_stack_region }}", env=env)
+    assert f"region={region}" in shown
 
 
 def test_no_region_at_all_is_an_error_that_says_how_to_set_one(
