@@ -149,22 +149,29 @@ class Parameters:
         region = module.params["region"] or None
         self.client = boto3.client("ssm", region_name=region, config=CLIENT_CONFIG)
 
-    def fail(self, error: Exception, what: str) -> None:
+    def _call(self, what: str, operation: str, expected: str, **kwargs) -> dict | None:
+        """`operation` of the SSM client, or None when the service answers with the error code
+        `expected` (the lock's normal case: absent, or taken); any other error fails the run."""
+        try:
+            return getattr(self.client, operation)(**kwargs)
+        except ClientError as error:
+            if error.response["Error"]["Code"] == expected:
+                return None
+            failure: Exception = error
+        except BotoCoreError as error:
+            failure = error
         self.module.fail_json(
-            msg=f"Could not {what} the deploy lock {self.module.params['name']}: {error}. "
+            msg=f"Could not {what} the deploy lock {self.module.params['name']}: {failure}. "
             "Nothing was changed.",
         )
+        return None  # not reached: fail_json exits
 
     def read(self, name: str) -> dict | None:
         """The parameter's JSON value, with its age by the account's clock, or None if absent."""
-        try:
-            found = self.client.get_parameter(Name=name)["Parameter"]
-        except ClientError as error:
-            if error.response["Error"]["Code"] == "ParameterNotFound":
-                return None
-            self.fail(error, "read")
-        except BotoCoreError as error:
-            self.fail(error, "read")
+        answer = self._call("read", "get_parameter", "ParameterNotFound", Name=name)
+        if answer is None:
+            return None
+        found = answer["Parameter"]
         try:
             value = json.loads(found["Value"])
         except ValueError:
@@ -176,29 +183,12 @@ class Parameters:
 
     def create(self, name: str, value: dict) -> bool:
         """Whether this call created the parameter (False: it exists, the service said so)."""
-        try:
-            self.client.put_parameter(
-                Name=name, Value=json.dumps(value), Type="String", Overwrite=False
-            )
-        except ClientError as error:
-            if error.response["Error"]["Code"] == "ParameterAlreadyExists":
-                return False
-            self.fail(error, "write")
-        except BotoCoreError as error:
-            self.fail(error, "write")
-        return True
+        kwargs = {"Name": name, "Value": json.dumps(value), "Type": "String", "Overwrite": False}
+        return self._call("write", "put_parameter", "ParameterAlreadyExists", **kwargs) is not None
 
     def delete(self, name: str) -> bool:
         """Whether this call deleted the parameter (False: there was none)."""
-        try:
-            self.client.delete_parameter(Name=name)
-        except ClientError as error:
-            if error.response["Error"]["Code"] == "ParameterNotFound":
-                return False
-            self.fail(error, "delete")
-        except BotoCoreError as error:
-            self.fail(error, "delete")
-        return True
+        return self._call("delete", "delete_parameter", "ParameterNotFound", Name=name) is not None
 
 
 def public(held: dict | None) -> dict | None:
