@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from aws_helpers import Aws
 from support.lock_module import Outcome, Worker, race
+from support.net import free_port
 
 pytestmark = pytest.mark.aws
 
@@ -199,3 +200,29 @@ def test_purged_deletes_the_lock_and_a_leftover_break_claim_whoever_holds_them(
     assert aws.client("ssm").get_parameters(Names=names)["Parameters"] == []
     again = run({"name": lock, "state": "purged"})
     assert again.won and not again.result["changed"]
+
+
+@pytest.mark.parametrize(
+    ("args", "what"),
+    [
+        ({"state": "held", "run_id": "a1"}, "read"),
+        ({"state": "present", "run_id": "a1", "record": {"user": "ana"}}, "write"),
+    ],
+    ids=["held", "take"],
+)
+def test_an_unreachable_account_fails_naming_the_lock_and_what_failed(
+    aws: Aws, lock: str, args: dict, what: str
+) -> None:
+    """Any SSM error but the lock's own two (absent, taken) stops the run, naming the lock."""
+    nobody = f"http://127.0.0.1:{free_port()}"
+    worker = Worker(aws.env("locktest", AWS_ENDPOINT_URL=nobody))
+    try:
+        outcome = worker.call({"name": lock, **args})
+    finally:
+        worker.close()
+    assert not outcome.won
+    assert re.match(
+        rf"Could not {what} the deploy lock {re.escape(lock)}: Could not connect to the "
+        rf"endpoint URL: .*\. Nothing was changed\.$",
+        outcome.msg,
+    ), outcome.msg
