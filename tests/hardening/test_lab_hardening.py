@@ -677,7 +677,8 @@ def test_host_losing_its_network_during_deploy(host: Host) -> None:
     # This fleet's only host was lost: no host was left to run the finish step, and
     # ansible-playbook runs no later play either. The run still released the deploy lock it took
     # (the greeter_lock_release callback), so the next run goes ahead without breaking it.
-    assert re.search(r"released the fleet's deploy lock \S+ of run [0-9a-f]{16}", text), text[-3000:]
+    released = re.search(r"released the fleet's deploy lock \S+ of run [0-9a-f]{16}", text)
+    assert released, text[-3000:]
     host.deploy("-e", f"greeter_version={commit}")
     host.assert_serves(commit)
     host.activated(commit)

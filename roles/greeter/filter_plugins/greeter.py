@@ -98,7 +98,8 @@ def greeter_fleet(hosts: list, lost: list[str]) -> dict[str, str]:
         elif host.get("_greeter_in_sync"):
             fleet[name] = host["_greeter_release_id"]
         elif probed.get("rc") == 0:
-            fleet[name] = greeter_probe_release(probed["stdout"]) or "a server that names no release"
+            served = greeter_probe_release(probed["stdout"])
+            fleet[name] = served or "a server that names no release"
         else:
             fleet[name] = "nothing (does not serve)"
     return fleet
