@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from aws_helpers import Aws
+from aws_helpers import REPO, Aws
 from support.lock_module import Outcome, Worker, race
 from support.net import free_port
 
@@ -226,3 +226,70 @@ def test_an_unreachable_account_fails_naming_the_lock_and_what_failed(
         rf"endpoint URL: .*\. Nothing was changed\.$",
         outcome.msg,
     ), outcome.msg
+
+
+# A run whose every host is lost: ansible-playbook runs no further task of the play nor any later
+# play, so the role's finish step never releases the lock; the greeter_lock_release callback
+# (ansible.cfg) does, at the run's end, unless the lock is no longer this run's.
+LOST_RUN = """
+- name: Take the lock, then lose every host
+  hosts: lost-1
+  gather_facts: false
+  tasks:
+    - name: Take the fleet's deploy lock
+      greeter_lock:
+        name: "{{ lock }}"
+        run_id: "{{ run_id }}"
+        record: {user: ana, controller: laptop, action: deploy, version: v1, play: lost}
+      delegate_to: localhost
+      run_once: true
+    - name: Another run breaks the lock meanwhile
+      ansible.builtin.command:
+        argv:
+          - "{{ ansible_playbook_python }}"
+          - -c
+          - >-
+            import boto3, json; boto3.client('ssm').put_parameter(Name='{{ lock }}',
+            Value=json.dumps({'run_id': 'f' * 16}), Type='String', Overwrite=True)
+      delegate_to: localhost
+      run_once: true
+      changed_when: true
+      when: broken | bool
+    - name: Every host is lost here
+      ansible.builtin.ping:
+- name: A last play, which ansible-playbook never runs after such a play
+  hosts: localhost
+  gather_facts: false
+  tasks:
+    - name: Say so
+      ansible.builtin.debug:
+        msg: last play ran
+"""
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["held", "broken"])
+def test_a_run_whose_every_host_is_lost_releases_its_lock_unless_another_run_holds_it(
+    aws: Aws, lock: str, tmp_path: Path, broken: bool
+) -> None:
+    playbook = tmp_path / "lost.yml"
+    playbook.write_text(LOST_RUN)
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(  # nothing listens on port 1: the host is unreachable at once
+        "all:\n  hosts:\n    lost-1: {ansible_host: 127.0.0.1, ansible_port: 1}\n"
+    )
+    run_id = secrets.token_hex(8)
+    env = aws.env("locktest", ANSIBLE_LIBRARY=str(REPO / "roles" / "greeter" / "library"))
+    result = aws.run(
+        "locktest", "ansible-playbook", "-i", str(inventory), str(playbook),
+        "-e", f"lock={lock}", "-e", f"run_id={run_id}", "-e", f"broken={broken}", env=env,
+    )  # fmt: skip
+    out = result.stdout + result.stderr
+    assert result.returncode == 4, out  # 4: a host was unreachable
+    assert "UNREACHABLE" in out and "last play ran" not in out, out
+    parameters = aws.client("ssm").get_parameters(Names=[lock])["Parameters"]
+    if broken:
+        assert [json.loads(p["Value"])["run_id"] for p in parameters] == ["f" * 16], out
+        assert f"is no longer run {run_id}'s (held by run {'f' * 16}); left as it is" in out, out
+    else:
+        assert parameters == [], out
+        assert f"released the fleet's deploy lock {lock} of run {run_id}" in out, out

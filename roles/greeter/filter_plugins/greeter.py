@@ -9,6 +9,7 @@ import hmac
 import importlib.util
 import json
 import os
+import re
 import secrets
 import socket
 import tempfile
@@ -63,12 +64,30 @@ def greeter_tls_wanted(files: list[dict], folder: str, group: str) -> list[tuple
     ]
 
 
+RELEASE_ID = re.compile(r"^[0-9a-f]{40}-[0-9a-f]{12}$")
+
+
+def greeter_probe_release(stdout: str) -> str:
+    """The release (<commit>-<config digest>) that `greeter probe --json` says a server runs.
+
+    What the running process itself reports (GetVersion), so it tells a process started from
+    another release apart from the one `current` names (a run killed between the switch and the
+    restart). Empty when the output is not the probe's JSON (it could not run, or printed an error).
+    """
+    try:
+        rows = json.loads(stdout or "[]")
+        return str(rows[0].get("release") or "")
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError):
+        return ""
+
+
 def greeter_fleet(hosts: list, lost: list[str]) -> dict[str, str]:
-    """What each host serves at the end of a run: host name -> commit, or why there is none.
+    """What each host serves at the end of a run: host name -> release, or why there is none.
 
     ``hosts`` are the hostvars of the play's hosts. A host in sync was probed by the run's own
-    state read; any other host by the finish step's probe (``_greeter_now``, ``greeter probe
-    --json``); a lost host could not be asked.
+    state read, which found its process running the wanted release; any other host by the
+    finish step's probe (``_greeter_now``, ``greeter probe --json``); a lost host could not be
+    asked. A release is (commit, configuration): ``<commit>-<config digest>``.
     """
     fleet = {}
     for host in hosts:
@@ -77,12 +96,36 @@ def greeter_fleet(hosts: list, lost: list[str]) -> dict[str, str]:
         if name in lost:
             fleet[name] = "unknown (lost)"
         elif host.get("_greeter_in_sync"):
-            fleet[name] = host["_greeter_commit"]
+            fleet[name] = host["_greeter_release_id"]
         elif probed.get("rc") == 0:
-            fleet[name] = json.loads(probed["stdout"])[0]["commit"]
+            served = greeter_probe_release(probed["stdout"])
+            fleet[name] = served or "a server that names no release"
         else:
             fleet[name] = "nothing (does not serve)"
     return fleet
+
+
+def greeter_fleet_split(fleet: dict[str, str], hosts: list) -> bool:
+    """Whether the fleet does not serve one release: the finish step's final check.
+
+    Split when a host serves no release (lost, down), when the hosts run different commits, or
+    when two hosts that this run gives the same configuration (the same wanted release) serve
+    different releases, such as one host on a new configuration and one on the old. Hosts whose
+    configuration differs by design (their own TLS certificate) are each a release of their own;
+    for them the commit is what must agree.
+    """
+    served = list(fleet.values())
+    if not served or not all(RELEASE_ID.match(release) for release in served):
+        return True
+    if len({release[:40] for release in served}) != 1:
+        return True
+    by_wanted: dict[str, set[str]] = {}
+    for host in hosts:
+        name = host["inventory_hostname"]
+        if name in fleet:
+            wanted = host.get("_greeter_release_id") or ""
+            by_wanted.setdefault(wanted, set()).add(fleet[name])
+    return any(len(releases) != 1 for releases in by_wanted.values())
 
 
 def greeter_batches(hosts: list[str], serial: int | str | list) -> list[list[str]]:
@@ -202,6 +245,8 @@ class FilterModule:
             "greeter_drift": greeter_drift,
             "greeter_tls_wanted": greeter_tls_wanted,
             "greeter_fleet": greeter_fleet,
+            "greeter_fleet_split": greeter_fleet_split,
+            "greeter_probe_release": greeter_probe_release,
             "greeter_batches": greeter_batches,
             "greeter_run_identity": greeter_run_identity,
             "greeter_redact_url": greeter_redact_url,
