@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from support.ansible import recap
+from support.ansible import recap, with_ssh_options
 
 if TYPE_CHECKING:
     from support.lab import LabSession
@@ -113,6 +113,87 @@ class PlainClient:
         return self.report["failures"]
 
 
+# Runs on the balancer host: every backend's status, sessions since start (stot) and current
+# sessions (scur) from HAProxy's `show stat`, as a JSON line [CLOCK_MONOTONIC s, {server: [status,
+# stot, scur]}] each time one changes, sampled every 50 ms, until its stdin closes. Lab hosts
+# share the machine's kernel, so its clock is the one systemd's *TimestampMonotonic use on hosts.
+COUNTERS = """
+import csv, io, json, select, socket, sys, time
+def read():
+    s = socket.socket(socket.AF_UNIX); s.connect('/run/haproxy/admin.sock')
+    s.sendall(b'show stat\\n'); text = s.makefile().read().lstrip('# ')
+    return {r['svname']: [r['status'], int(r['stot'] or 0), int(r['scur'] or 0)]
+            for r in csv.DictReader(io.StringIO(text))
+            if r['pxname'] == 'greeter' and r['svname'] != 'BACKEND'}
+print('watching', flush=True)
+last = None
+while not select.select([sys.stdin], [], [], 0.05)[0] or sys.stdin.read(1):
+    now = read()
+    if now != last:
+        print(json.dumps([time.monotonic(), now]), flush=True); last = now
+"""
+
+
+class Counters:
+    """HAProxy's own per-backend counters, sampled on the balancer host while the block runs."""
+
+    def __init__(self, lab: LabSession) -> None:
+        self.argv = [str(REPO / "lab" / "lab"), "ssh", lab.balancer.name,
+                     f"sudo python3 -c {shlex.quote(COUNTERS)}"]  # fmt: skip
+        self.env = lab.env
+        self.samples: list[tuple[float, dict[str, list]]] = []
+
+    def __enter__(self) -> Counters:
+        self.process = subprocess.Popen(
+            self.argv, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self.process.stdout.readline().strip() == "watching"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        out, _ = self.process.communicate(timeout=30)  # closes its stdin: the sampler ends
+        self.samples = [tuple(json.loads(line)) for line in out.splitlines()]
+
+    def most_out_at_once(self) -> int:
+        """The most backends out of rotation (not UP at the balancer) in any one sample."""
+        return max(
+            sum(not row[0].startswith("UP") for row in servers.values())
+            for _, servers in self.samples
+        )
+
+
+def restart_window(lab: LabSession, name: str) -> tuple[float, float]:
+    """When the host's last service restart began (the running server was told to stop) and when
+    the new server was ready (systemd's active state), in CLOCK_MONOTONIC seconds."""
+    props = "-p ActiveExitTimestampMonotonic -p ActiveEnterTimestampMonotonic"
+    out = lab.ssh(name, f"systemctl show greeter.service {props}").stdout
+    values = dict(line.split("=", 1) for line in out.split())
+    began, ready = (int(values[key]) / 1e6 for key in (
+        "ActiveExitTimestampMonotonic", "ActiveEnterTimestampMonotonic"))  # fmt: skip
+    assert 0 < began < ready, out
+    return began, ready
+
+
+def drained_through_restart(lab: LabSession, counters: Counters, name: str) -> str:
+    """Assert, by HAProxy's own counters, that the balancer sent `name` no new call from before
+    its last restart until the restarted server was ready, while it kept sending the others
+    calls (the client ran), and that no call was left on it when the restart began."""
+    began, ready = restart_window(lab, name)
+    samples = counters.samples
+    assert samples[0][0] < began and samples[-1][0] > ready, (samples[0][0], began, ready)
+    before = [servers for t, servers in samples if t <= began][-1]
+    after = next(servers for t, servers in samples if t >= ready)
+    during = [servers[name][0] for t, servers in samples if began <= t <= ready]
+    where = f"{name}: restart {began:.2f}..{ready:.2f}, {before[name]} -> {after[name]}"
+    assert not before[name][0].startswith("UP"), f"not drained before its restart: {where}"
+    assert before[name][2] == 0, f"calls left on it when its restart began: {where}"
+    assert not any(status.startswith("UP") for status in during), (where, during)
+    assert after[name][1] == before[name][1], f"new calls during its restart: {where}"
+    others = sum(after[n][1] - before[n][1] for n in after if n != name)
+    assert others > 0, f"no call reached the other backends meanwhile: {where}"
+    return f"{name}: 0 new calls in {ready - began:.1f} s of restart ({others} to the others)"
+
+
 # --- the shared fleet ----------------------------------------------------------------------------
 
 
@@ -156,7 +237,11 @@ def test_a_rolling_upgrade_fails_no_call_of_a_plain_client_or_h2load(
     fleet: LabSession, tmp_path: Path
 ) -> None:
     new = fleet.push_commit(tmp_path, "front door upgrade")
-    with PlainClient(fleet) as plain, H2load(fleet, tmp_path) as h2load:
+    with (
+        Counters(fleet) as counters,
+        PlainClient(fleet) as plain,
+        H2load(fleet, tmp_path) as h2load,
+    ):
         time.sleep(2)
         started = time.monotonic()
         result = fleet.playbook(
@@ -165,10 +250,13 @@ def test_a_rolling_upgrade_fails_no_call_of_a_plain_client_or_h2load(
         upgraded = time.monotonic() - started
         time.sleep(2)
     print(f"\n[frontdoor timing] rolling upgrade of 3 hosts: {upgraded:.1f} s", flush=True)
-    counters = recap(result.stdout)
+    ended = recap(result.stdout)
     for name in BACKENDS:
-        assert counters[name]["failed"] == 0
-        assert f"[{name} -> greeter-lb" in result.stdout  # drained and put back at the balancer
+        assert ended[name]["failed"] == 0
+        # Drained at the balancer and put back, by HAProxy's own counters: no new call from
+        # before its restart until its new server was ready.
+        print(f"[frontdoor] {drained_through_restart(fleet, counters, name)}", flush=True)
+    assert counters.most_out_at_once() == 1  # batches of one
     calls = plain.report["ok"] + len(plain.failures)
     print(f"[frontdoor] plain client: {calls} calls, {len(plain.failures)} failed", flush=True)
     assert plain.failures == [], plain.failures[:10]
@@ -246,6 +334,139 @@ def test_a_host_failing_its_gate_stays_out_of_rotation_until_its_rollback_serves
     assert plain.failures == [], plain.failures[:10]  # no error and no "Oi" reached it
     assert plain.report["ok"] > 200
     assert {row["commit"] for row in probe_rows(fleet)[1]} == good
+
+
+STARTS_EXCEPT_ON_GREETER_3 = """
+
+
+_every_host_main = main
+
+
+def main(argv=None):  # a release that does not start on greeter-3
+    import socket
+
+    if socket.gethostname() == "greeter-3":
+        raise SystemExit("this release does not start on greeter-3")
+    return _every_host_main(argv)
+"""
+
+
+def test_a_rollout_whose_last_batch_fails_goes_back_batch_by_batch_through_the_front_door(
+    fleet: LabSession, tmp_path: Path
+) -> None:
+    """Batches of one; greeter-3, the last, fails its gate and goes back itself; the run then puts
+    greeter-1 and greeter-2 back one at a time, each drained at the balancer before its restart
+    and readied after its gate: a plain client through the front door loses no call, and HAProxy's
+    counters show no new call reached a host while it restarted (issue 22)."""
+    wait_all_up(fleet, BACKENDS)
+    good = {row["commit"] for row in probe_rows(fleet)[1]}
+    assert len(good) == 1, good
+
+    def fails_on_greeter_3(clone: Path) -> None:
+        server = clone / "service" / "src" / "greeter" / "server.py"
+        server.write_text(server.read_text() + STARTS_EXCEPT_ON_GREETER_3)
+
+    bad = fleet.push_commit(tmp_path, "A release that fails on greeter-3", fails_on_greeter_3)
+    with Counters(fleet) as counters, PlainClient(fleet) as plain:
+        time.sleep(2)
+        started = time.monotonic()
+        result = fleet.playbook(
+            "playbooks/deploy.yml", "-e", f"greeter_version={bad}", "-e", '{"greeter_serial": [1]}',
+            "-e", "greeter_verify_timeout=5", check=False,
+        )  # fmt: skip
+        took = time.monotonic() - started
+        time.sleep(2)
+    output = " ".join((result.stdout + result.stderr).split())
+    print(f"\n[frontdoor timing] rollout, last batch failed, reverted: {took:.1f} s", flush=True)
+    assert result.returncode != 0
+    assert re.search(rf"greeter-3: release {bad}-[0-9a-f]{{12}} failed \(", output), output[-3000:]
+    for name in ("greeter-1", "greeter-2"):
+        assert re.search(
+            rf"{name}: the run stopped after this host switched to {bad}-[0-9a-f]{{12}}; "
+            r"reverted to [0-9a-f]{40}-[0-9a-f]{12}, which serves again",
+            output,
+        ), output[-3000:]
+    calls = plain.report["ok"] + len(plain.failures)
+    print(f"[frontdoor] plain client: {calls} calls, {len(plain.failures)} failed", flush=True)
+    assert plain.failures == [], plain.failures[:10]
+    assert plain.report["ok"] > 200
+    # Each host's last restart is its revert (greeter-3's, its own rollback): drained throughout.
+    for name in BACKENDS:
+        print(f"[frontdoor] {drained_through_restart(fleet, counters, name)}", flush=True)
+    # The revert's batches are the rollout's: never two backends out of rotation at once, and
+    # greeter-1 back and ready before greeter-2 leaves.
+    assert counters.most_out_at_once() == 1
+    assert restart_window(fleet, "greeter-1")[1] < restart_window(fleet, "greeter-2")[0]
+    assert {row["commit"] for row in probe_rows(fleet)[1]} == good
+
+
+def test_a_host_lost_after_it_switched_stops_the_run_and_the_others_go_back_through_the_front_door(
+    fleet: LabSession, tmp_path: Path
+) -> None:
+    """greeter-1 switches and passes; its link goes down while greeter-2's batch runs. No later
+    batch task touches greeter-1, yet the run must notice it, name it, and put greeter-2 and
+    greeter-3 back, each drained at the balancer around its restart (issue 22)."""
+    wait_all_up(fleet, BACKENDS)
+    good = {row["commit"] for row in probe_rows(fleet)[1]}
+    assert len(good) == 1, good
+    new = fleet.push_commit(tmp_path, "An upgrade that loses greeter-1")
+    link = fleet.hosts[0].veth
+    env = with_ssh_options(fleet.env, "-o", "ServerAliveInterval=2")
+    env["ANSIBLE_SSH_CONTROL_PATH_DIR"] = str(tmp_path / "cp")  # fresh masters with that option
+    args = ["ansible-playbook", "playbooks/deploy.yml", "-e", f"greeter_version={new}",
+            "-e", '{"greeter_serial": [1]}']  # fmt: skip
+    lines: list[str] = []
+    switches, lost_at = 0, 0.0
+    try:
+        with Counters(fleet) as counters, PlainClient(fleet) as plain:
+            time.sleep(2)
+            started = time.monotonic()
+            with subprocess.Popen(args, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT) as play:  # fmt: skip
+                assert play.stdout is not None
+                for line in play.stdout:
+                    lines.append(line)
+                    if line.startswith("TASK [greeter : Switch current"):
+                        switches += 1
+                        if switches == 2:  # greeter-1's batch passed, greeter-2's begins
+                            lost_at = time.time()
+                            subprocess.run(["ip", "link", "set", link, "down"], check=True)
+                rc = play.wait(timeout=600)
+            took = time.monotonic() - started
+            time.sleep(2)
+    finally:
+        subprocess.run(["ip", "link", "set", link, "up"], check=True)
+    output = " ".join("".join(lines).split())
+    print(
+        f"\n[frontdoor timing] rollout losing a switched host, reverted: {took:.1f} s", flush=True
+    )
+    assert lost_at, output[-3000:]
+    assert rc != 0
+    assert recap("".join(lines))["greeter-1"]["unreachable"] == 1
+    assert "greeter-1: lost during the rollout" in output, output[-3000:]
+    for name in ("greeter-2", "greeter-3"):
+        assert re.search(
+            rf"{name}: the run stopped after this host switched to {new}-[0-9a-f]{{12}}; "
+            r"reverted to [0-9a-f]{40}-[0-9a-f]{12}, which serves again",
+            output,
+        ), output[-3000:]
+        print(f"[frontdoor] {drained_through_restart(fleet, counters, name)}", flush=True)
+    # Only calls on their way to greeter-1 when its link went down can fail (a 5 s deadline, and
+    # at most 3 s until the balancer takes it out); none during the reverts.
+    late = [f for f in plain.failures if f[0] > lost_at + 3]
+    calls = plain.report["ok"] + len(plain.failures)
+    print(f"[frontdoor] plain client: {calls} calls, {len(plain.failures)} failed "
+          f"(all within 3 s of the loss: {not late})", flush=True)  # fmt: skip
+    assert late == [], late[:10]
+    assert plain.report["ok"] > 200
+    # The lost host kept the new release (nothing could put it back); the others serve the old.
+    wait_all_up(fleet, BACKENDS, timeout=60)
+    rows = {row["target"].split(":")[0]: row["commit"] for row in probe_rows(fleet)[1]}
+    assert [rows[host.address] for host in fleet.hosts] == [new, *good, *good], rows
+    # The rerun of the fleet's release puts greeter-1 back.
+    fleet.playbook("playbooks/deploy.yml", "-e", f"greeter_version={next(iter(good))}")
+    assert {row["commit"] for row in probe_rows(fleet)[1]} == good
+    wait_all_up(fleet, BACKENDS)
 
 
 class H2load:
