@@ -68,6 +68,12 @@ options:
   pid:
     description: With O(states)=C(loaded), the process that answered before the reload.
     type: int
+  config:
+    description: The configuration the new process loads; with O(states)=C(save), only the
+      servers whose address and port it keeps are saved (HAProxy would apply a saved port over
+      a changed one, haproxy/haproxy#1412).
+    type: path
+    default: /etc/haproxy/haproxy.cfg
 author: greeter project
 """
 
@@ -147,11 +153,47 @@ def pid_of(path: str) -> int:
     return 0
 
 
+def wanted_servers(path: str, backend: str) -> dict[str, str]:
+    """name -> "address:port" of each server of `backend` in the configuration about to load."""
+    wanted, inside = {}, False
+    with open(path) as config:
+        for line in config:
+            words = line.split()
+            if words[:1] in (["backend"], ["frontend"], ["listen"], ["defaults"], ["global"]):
+                inside = words[:2] == ["backend", backend]
+            elif inside and words[:1] == ["server"] and len(words) >= 3:
+                wanted[words[1]] = words[2]
+    return wanted
+
+
+def keep_matching(text: str, wanted: dict[str, str]) -> str:
+    """The state lines of the servers whose address and port are still the configuration's.
+
+    HAProxy applies a saved server's port (and address) over the new configuration's
+    (haproxy/haproxy#1412): a server whose port changed would keep the old one. Such a server
+    starts afresh instead, as without a state file."""
+    lines = text.splitlines()
+    header = next((line for line in lines if line.startswith("# ")), "")
+    names = header[2:].split()
+    kept = [line for line in lines if not line.strip() or not line[0].isdigit() or line == "1"]
+    for line in lines:
+        fields = dict(zip(names, line.split(), strict=False))
+        if line == "1" or "srv_name" not in fields:
+            continue
+        where = f"{fields['srv_addr']}:{fields.get('srv_port', '')}"
+        if wanted.get(fields["srv_name"]) == where:
+            kept.append(line)
+    return "\n".join(kept) + "\n"
+
+
 def handle_states(module: AnsibleModule, path: str, backend: str) -> None:
     """Save the states before a reload, or remove the saved file once the new process runs."""
     target, pid = module.params["states_file"], module.params["pid"]
     if module.params["states"] == "save":
-        text = command(path, f"show servers state {backend}")
+        text = keep_matching(
+            command(path, f"show servers state {backend}"),
+            wanted_servers(module.params["config"], backend),
+        )
         if not module.check_mode:
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as out:
@@ -189,6 +231,7 @@ def main() -> None:
             "states_file": {"type": "path"},
             "states": {"type": "str", "choices": ["save", "loaded"]},
             "pid": {"type": "int"},
+            "config": {"type": "path", "default": "/etc/haproxy/haproxy.cfg"},
         },
         required_by={"state": "server", "states": "states_file"},
         required_if=[("states", "loaded", ["pid"])],
