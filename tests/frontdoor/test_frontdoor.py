@@ -663,6 +663,171 @@ def test_tls_at_the_front_door_serves_a_plain_client_and_turns_off_again(
     assert fleet.ssh(lb.name, pem, check=False).returncode == 1
 
 
+def set_at_balancer(lab: LabSession, name: str, state: str) -> None:
+    """`set server greeter/<name> state <state>` on the balancer's runtime API, by hand."""
+    code = (
+        "import socket, sys; s = socket.socket(socket.AF_UNIX); "
+        "s.connect('/run/haproxy/admin.sock'); "
+        "s.sendall(('set server greeter/%s state %s\\n' % tuple(sys.argv[1:])).encode()); "
+        "print(s.makefile().read().strip())"
+    )
+    said = lab.ssh(lab.balancer.name, f"sudo python3 -c {shlex.quote(code)} {name} {state}")
+    assert said.stdout.strip() == "", said.stdout
+
+
+def test_a_backend_left_drained_is_put_back_by_the_next_deploy_saying_why(
+    fleet: LabSession,
+) -> None:
+    """What a run interrupted between drain and ready leaves: a host serving the wanted release,
+    drained at the balancer. The next deploy (nothing else to change) puts it back first,
+    reports it changed and says why; the other hosts stay unchanged."""
+    wait_all_up(fleet, BACKENDS)
+    set_at_balancer(fleet, "greeter-2", "drain")
+    assert at_balancer(fleet)["greeter-2"]["status"] == "DRAIN"
+    result = fleet.playbook("playbooks/deploy.yml")
+    output = " ".join(result.stdout.split())
+    counters = recap(result.stdout)
+    assert counters["greeter-2"]["changed"] > 0, output[-3000:]
+    assert counters["greeter-1"]["changed"] == counters["greeter-3"]["changed"] == 0
+    why = (
+        r"greeter-2 serves the wanted release [0-9a-f]{40}-[0-9a-f]{12} but the balancer "
+        r"holds it out \(DRAIN at greeter-lb\)"
+    )
+    assert re.search(why, output), output[-3000:]
+    assert at_balancer(fleet)["greeter-2"]["status"].startswith("UP")
+
+
+def test_a_balancer_reload_fails_no_call_and_keeps_a_drained_backend_drained(
+    fleet: LabSession,
+) -> None:
+    """A configuration change reloads HAProxy under a plain client's load: no call fails, and a
+    backend drained before the reload is still drained after it (the new process starts from the
+    states the old one had), then the saved states are gone."""
+    wait_all_up(fleet, BACKENDS)
+    set_at_balancer(fleet, "greeter-3", "drain")
+    pid = "sudo systemctl show -p MainPID --value haproxy.service"
+    master = fleet.ssh(fleet.balancer.name, pid).stdout
+    with PlainClient(fleet) as plain:
+        time.sleep(2)
+        started = time.monotonic()
+        reload = fleet.playbook("playbooks/balancer.yml", "-e", "greeter_lb_maxconn=8001")
+        took = time.monotonic() - started
+        time.sleep(2)
+    calls = plain.report["ok"] + len(plain.failures)
+    print(
+        f"\n[frontdoor] balancer reload ({took:.1f} s run): plain client {calls} calls, "
+        f"{len(plain.failures)} failed",
+        flush=True,
+    )
+    assert "RUNNING HANDLER [greeter_lb : Reload haproxy]" in reload.stdout, reload.stdout[-3000:]
+    assert fleet.ssh(fleet.balancer.name, pid).stdout == master  # reloaded, not restarted
+    assert at_balancer(fleet)["greeter-3"]["status"] == "DRAIN"
+    assert plain.failures == [], plain.failures[:10]
+    assert plain.report["ok"] > 200
+    saved = "sudo test -e /run/haproxy/server-state"
+    assert fleet.ssh(fleet.balancer.name, saved, check=False).returncode == 1
+    # Back as it was: the default configuration (another reload), every backend in rotation.
+    set_at_balancer(fleet, "greeter-3", "ready")
+    fleet.playbook("playbooks/balancer.yml")
+    wait_all_up(fleet, BACKENDS)
+
+
+def test_an_unreachable_balancer_fails_the_deploy_naming_it_before_any_drain(
+    fleet: LabSession, tmp_path: Path
+) -> None:
+    """The balancer's link is down: the deploy fails in its state read naming the balancer, not
+    a backend, and drains or switches nothing; the backends keep serving. With the link back,
+    the rerun converges."""
+    wait_all_up(fleet, BACKENDS)
+    rc, rows = probe_rows(fleet)
+    assert rc == 0, rows
+    (old,) = {row["commit"] for row in rows}
+    new = fleet.push_commit(tmp_path, "while the balancer is away")
+    targets = [f"{host.address}:50051" for host in fleet.hosts]
+    assert fleet.balancer.veth, "lab/lab records the balancer's veth"
+    subprocess.run(["ip", "link", "set", fleet.balancer.veth, "down"], check=True)
+    try:
+        started = time.monotonic()
+        result = fleet.playbook("playbooks/deploy.yml", "-e", f"greeter_version={new}", check=False)
+        took = time.monotonic() - started
+        direct = fleet.run("greeter", "probe", *targets, "--json", check=False)
+    finally:
+        subprocess.run(["ip", "link", "set", fleet.balancer.veth, "up"], check=True)
+    output = " ".join((result.stdout + result.stderr).split())
+    print(
+        f"\n[frontdoor timing] deploy failing at the unreachable balancer: {took:.1f} s", flush=True
+    )
+    assert result.returncode != 0
+    said = "the balancer greeter-lb (group greeter_lb) could not be reached"
+    assert said in output, output[-3000:]
+    assert "nothing was drained and every host keeps its release" in output
+    counters = recap(result.stdout)
+    for name in BACKENDS:
+        assert counters[name]["unreachable"] == 0, (name, output[-3000:])  # not blamed on them
+    assert "Set the host at the balancer" not in result.stdout  # no backend was drained
+    assert "lost while preparing" not in output and "lost during the rollout" not in output
+    # The backends kept serving their release the whole time (called directly, not through it).
+    assert direct.returncode == 0, direct.stdout + direct.stderr
+    assert {row["commit"] for row in json.loads(direct.stdout)} == {old}
+    wait_all_up(fleet, BACKENDS)
+    started = time.monotonic()
+    fleet.playbook("playbooks/deploy.yml", "-e", f"greeter_version={new}")
+    print(f"[frontdoor timing] its rerun: {time.monotonic() - started:.1f} s", flush=True)
+    rc, rows = probe_rows(fleet)
+    assert rc == 0, rows
+    assert {row["commit"] for row in rows} == {new}
+    wait_all_up(fleet, BACKENDS)
+
+
+def test_a_run_killed_between_drain_and_ready_and_its_rerun_fail_no_call(
+    fleet: LabSession, tmp_path: Path
+) -> None:
+    """The controller's ansible-playbook is killed once the first host is drained at the
+    balancer; the rerun (breaking the killed run's lock by its id) ends with every host on the
+    new release and in rotation. A plain client calls through both runs without a failure."""
+    wait_all_up(fleet, BACKENDS)
+    new = fleet.push_commit(tmp_path, "a run killed mid-rollout")
+    deploy = ["ansible-playbook", "playbooks/deploy.yml", "-e", f"greeter_version={new}"]
+    with PlainClient(fleet) as plain:
+        time.sleep(2)
+        started = time.monotonic()
+        killed = subprocess.Popen(
+            deploy, cwd=REPO, env={**fleet.env, "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )  # fmt: skip
+        try:
+            # Out of rotation (DRAIN, or DOWN once it restarts): the run is between drain and ready.
+            while at_balancer(fleet)["greeter-1"]["status"].startswith("UP"):
+                assert killed.poll() is None, "the run ended before it drained greeter-1"
+                assert time.monotonic() - started < 600
+                time.sleep(0.2)
+        finally:
+            os.killpg(killed.pid, signal.SIGKILL)  # the controller and every worker it forked
+        out, _ = killed.communicate(timeout=60)
+        left = at_balancer(fleet)["greeter-1"]["status"]
+        said = " ".join(out.split())  # the YAML callback folds long lines
+        run_id = re.search(r"This is run (\S+); it holds the deploy lock", said)
+        assert run_id, out[-3000:]
+        time.sleep(2)
+        rerun = fleet.playbook(*deploy[1:], "-e", f"greeter_lock_break={run_id[1]}")
+        took = time.monotonic() - started
+        time.sleep(2)
+    calls = plain.report["ok"] + len(plain.failures)
+    print(
+        f"\n[frontdoor] killed run (greeter-1 left {left}) and its rerun ({took:.1f} s): "
+        f"plain client {calls} calls, {len(plain.failures)} failed",
+        flush=True,
+    )
+    assert left != "UP" and not left.startswith("UP"), left
+    assert recap(rerun.stdout)["greeter-1"]["changed"] > 0
+    assert plain.failures == [], plain.failures[:10]
+    assert plain.report["ok"] > 200
+    rc, rows = probe_rows(fleet)
+    assert rc == 0, rows
+    assert {row["commit"] for row in rows} == {new}
+    wait_all_up(fleet, BACKENDS)
+
+
 def test_a_rerun_changes_nothing_on_the_hosts_or_the_balancer(fleet: LabSession) -> None:
     started = time.monotonic()
     result = fleet.playbook("site.yml")

@@ -84,6 +84,12 @@ def greeter_lb_tls_key_matches(cert_pem: str, key_pem: str) -> bool:
     return spki(cert.public_key()) == spki(key.public_key())
 
 
+def greeter_lb_state_of(servers: dict[str, dict] | None, name: str) -> str:
+    """A server's state in greeter_lb_server's `servers`, or ABSENT when the balancer does not
+    list it (or runs no HAProxy yet)."""
+    return (servers or {}).get(name, {}).get("state", "ABSENT")
+
+
 class FilterModule:
     """Ansible's entry point for filter plugins."""
 
@@ -92,4 +98,5 @@ class FilterModule:
             "greeter_lb_grpc_health_check": greeter_lb_grpc_health_check,
             "greeter_lb_drift": greeter_lb_drift,
             "greeter_lb_tls_key_matches": greeter_lb_tls_key_matches,
+            "greeter_lb_state_of": greeter_lb_state_of,
         }
