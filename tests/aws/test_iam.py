@@ -402,7 +402,7 @@ PREFLIGHT_PLAY = """
         tasks_from: preflight.yml
     - name: Show how many values were read (never a value)
       ansible.builtin.debug:
-        msg: "read {{ _greeter_env_from | dict2items | selectattr('value') | list | length }} values"
+        msg: "read {{ _greeter_env_from.values() | select | list | length }} values"
 """
 
 
@@ -465,7 +465,8 @@ def test_greeter_extra_env_from_reads_two_actions_both_deployers_hold(
             assert any(fnmatch.fnmatchcase(arn, p) for p in patterns), (policy, action)
         # the lock's statement no longer covers the secrets (nor lets a deployer write them)
         other = f"arn:aws:ssm:us-east-1:ACCOUNT_ID:parameter/other/{stack}/secrets/x"
-        assert not any(fnmatch.fnmatchcase(other, p) for p in resource_patterns(policy, "ssm:GetParameter"))
+        readable = resource_patterns(policy, "ssm:GetParameter")
+        assert not any(fnmatch.fnmatchcase(other, p) for p in readable)
         assert not any(
             fnmatch.fnmatchcase(arns["ssm:GetParameter"], p)
             for p in resource_patterns(policy, "ssm:PutParameter")
@@ -474,7 +475,8 @@ def test_greeter_extra_env_from_reads_two_actions_both_deployers_hold(
             s for s in load_policy(IAM / policy)["Statement"] if s["Action"] == "kms:Decrypt"
         ]
         assert sorted(s["Condition"]["StringLike"]["kms:ViaService"] for s in decrypt) == [
-            "secretsmanager.*.amazonaws.com", "ssm.*.amazonaws.com"
+            "secretsmanager.*.amazonaws.com",
+            "ssm.*.amazonaws.com",
         ]
     assert "secretsmanager:GetSecretValue" in FEATURE_ACTIONS
     assert "kms:Decrypt" in IAM_ONLY_ACTIONS

@@ -28,6 +28,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -459,7 +460,7 @@ def test_repo_credentials_and_extra_env_secrets_stay_secret(host: Host) -> None:
 # ---- secrets from the AWS account (greeter_extra_env_from) -------------------------------------
 
 
-def account(host: Host, service: str):  # noqa: ANN201 - a boto3 client
+def account(host: Host, service: str) -> Any:
     """A client of the lab's AWS emulator, as the playbooks reach it (AWS_ENDPOINT_URL)."""
     return boto3.client(
         service,
