@@ -479,6 +479,8 @@ def raw_service_environment(host: Host) -> dict[str, str]:
     return dict(pair.split("=", 1) for pair in pairs if "=" in pair)
 
 
+# Five deploys (three roll the host); run alone, the first test also pays for the lab (630 s seen).
+@pytest.mark.timeout(1800)
 def test_secrets_from_the_account_reach_the_service_roll_on_rotation_and_are_never_shown(
     host: Host,
 ) -> None:
