@@ -5,15 +5,17 @@ recording of provision, alarms and teardown on the emulator stays inside operato
 from __future__ import annotations
 
 import base64
+import fnmatch
 import json
 import re
 import time
 from pathlib import Path
 
 import pytest
-from aws_helpers import REPO, Aws
+from aws_helpers import BIN, REPO, Aws
 from support.aws_calls import (
     CLOUDFORMATION_UNUSED_PERMISSIONS,
+    FEATURE_ACTIONS,
     IAM_ONLY_ACTIONS,
     AwsCallRecorder,
     check_cloudformation_role,
@@ -377,9 +379,110 @@ def test_the_deploy_lock_calls_three_ssm_actions_on_greeter_parameters_both_depl
             s for s in load_policy(IAM / policy)["Statement"] if "ssm:PutParameter" in s["Action"]
         ]
         assert set(statement["Action"]) == LOCK_ACTIONS
-        assert statement["Resource"] == "arn:aws:ssm:*:ACCOUNT_ID:parameter/greeter/*"
+        # the lock and its break claim only: a deployer may not write the stack's secrets
+        assert statement["Resource"] == "arn:aws:ssm:*:ACCOUNT_ID:parameter/greeter/*/deploy-lock*"
     assert not any(
         action.startswith("ssm:")
         for s in load_policy(IAM / "probe-policy.json")["Statement"]
         for action in as_list(s["Action"])
     )
+
+
+SECRETS_ACTIONS = {"ssm:GetParameter", "secretsmanager:GetSecretValue"}
+# The role's preflight alone (no host): it reads greeter_extra_env_from on the controller.
+PREFLIGHT_PLAY = """
+- name: Read greeter_extra_env_from as a deploy's preflight does
+  hosts: localhost
+  connection: local
+  gather_facts: false
+  tasks:
+    - name: Preflight
+      ansible.builtin.include_role:
+        name: greeter
+        tasks_from: preflight.yml
+    - name: Show how many values were read (never a value)
+      ansible.builtin.debug:
+        msg: "read {{ _greeter_env_from.values() | select | list | length }} values"
+"""
+
+
+def resource_patterns(policy: str, action: str) -> list[str]:
+    return [
+        resource
+        for statement in load_policy(IAM / policy)["Statement"]
+        if action in as_list(statement["Action"])
+        for resource in as_list(statement["Resource"])
+    ]
+
+
+def test_greeter_extra_env_from_reads_two_actions_both_deployers_hold(
+    aws: Aws, tmp_path: Path
+) -> None:
+    """The role's preflight reads a SecureString and a Secrets Manager secret with the amazon.aws
+    lookups (endpoint from AWS_ENDPOINT_URL, region from the stack's lookup): exactly
+    ssm:GetParameter and secretsmanager:GetSecretValue, which both deployers' policies allow on
+    the stack's /greeter/<stack>/secrets/ names only (kms:Decrypt only through those services);
+    -v shows no value; a missing reference fails naming it, not a value."""
+    stack = "greeter-iamsecrets"
+    ssm, secrets = aws.client("ssm"), aws.client("secretsmanager")
+    parameter, secret = f"/greeter/{stack}/secrets/api-token", f"greeter/{stack}/secrets/db"
+    values = [f"ssm-{time.time_ns()}", f"sm-{time.time_ns()}"]
+    ssm.put_parameter(Name=parameter, Value=values[0], Type="SecureString", Overwrite=True)
+    secrets.create_secret(Name=secret, SecretString=values[1])
+    play = tmp_path / "preflight.yml"
+    play.write_text(PREFLIGHT_PLAY)
+    key = "secrets-caller"
+    env = aws.env(stack, AWS_ACCESS_KEY_ID=key)
+
+    def preflight(*refs: dict[str, str]) -> str:
+        extra = {
+            "greeter_repo_url": "https://git.example.invalid/greeter.git",
+            "greeter_version": "0" * 40,  # a commit id: no git server needed
+            "greeter_release_key_file": str(tmp_path / "release-key"),
+            "greeter_extra_env_from": list(refs),
+        }
+        result = aws.run(stack, str(BIN / "ansible-playbook"), str(play), "-v",
+                         "-i", "localhost,", "-e", json.dumps(extra), env=env)  # fmt: skip
+        shown = result.stdout + result.stderr
+        assert not any(value in shown for value in values), "a value was shown"
+        return shown if result.returncode == 0 else f"failed rc={result.returncode}\n{shown}"
+
+    refs = ({"name": "API_TOKEN", "ssm": parameter}, {"name": "DB", "secretsmanager": secret})
+    with AwsCallRecorder(aws.endpoint).recording() as recorder:
+        shown = preflight(*refs)
+    assert "read 2 values" in shown, shown[-3000:]
+    called = recorder.actions(key)
+    assert called == SECRETS_ACTIONS
+    arns = {
+        "ssm:GetParameter": f"arn:aws:ssm:us-east-1:ACCOUNT_ID:parameter{parameter}",
+        "secretsmanager:GetSecretValue":
+            f"arn:aws:secretsmanager:us-east-1:ACCOUNT_ID:secret:{secret}-AbCdEf",
+    }  # fmt: skip
+    for policy in ("operator-policy.json", "ci-deploy-policy.json"):
+        assert [p for p in check_policy(IAM / policy, called) if "does not allow" in p] == []
+        for action, arn in arns.items():
+            patterns = resource_patterns(policy, action)
+            assert any(fnmatch.fnmatchcase(arn, p) for p in patterns), (policy, action)
+        # the lock's statement no longer covers the secrets (nor lets a deployer write them)
+        other = f"arn:aws:ssm:us-east-1:ACCOUNT_ID:parameter/other/{stack}/secrets/x"
+        readable = resource_patterns(policy, "ssm:GetParameter")
+        assert not any(fnmatch.fnmatchcase(other, p) for p in readable)
+        assert not any(
+            fnmatch.fnmatchcase(arns["ssm:GetParameter"], p)
+            for p in resource_patterns(policy, "ssm:PutParameter")
+        )
+        decrypt = [
+            s for s in load_policy(IAM / policy)["Statement"] if s["Action"] == "kms:Decrypt"
+        ]
+        assert sorted(s["Condition"]["StringLike"]["kms:ViaService"] for s in decrypt) == [
+            "secretsmanager.*.amazonaws.com",
+            "ssm.*.amazonaws.com",
+        ]
+    assert "secretsmanager:GetSecretValue" in FEATURE_ACTIONS
+    assert "kms:Decrypt" in IAM_ONLY_ACTIONS
+
+    missing = f"/greeter/{stack}/secrets/missing"
+    refused = preflight(*refs, {"name": "GONE", "ssm": missing})
+    assert refused.startswith("failed"), refused[-3000:]
+    assert f"GONE (from SSM parameter {missing})" in refused
+    assert "Nothing was changed." in refused

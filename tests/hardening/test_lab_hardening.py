@@ -12,6 +12,7 @@ Tests run in file order on that one host; each leaves it serving plaintext.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -27,7 +28,9 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import boto3
 import pytest
 from support import watchdog
 from support.ansible import recap, with_ssh_options
@@ -452,6 +455,112 @@ def test_repo_credentials_and_extra_env_secrets_stay_secret(host: Host) -> None:
                  json.dumps(plain, sort_keys=True, separators=(",", ":"))):  # fmt: skip
         unkeyed = hashlib.sha1(text.encode()).hexdigest()[:12]  # noqa: S324 (the old scheme)
         assert release != f"{commit}-{unkeyed}", "the release id is a plain hash of the config"
+
+
+# ---- secrets from the AWS account (greeter_extra_env_from) -------------------------------------
+
+
+def account(host: Host, service: str) -> Any:
+    """A client of the lab's AWS emulator, as the playbooks reach it (AWS_ENDPOINT_URL)."""
+    return boto3.client(
+        service,
+        endpoint_url=host.env["AWS_ENDPOINT_URL"],
+        region_name=host.env["AWS_REGION"],
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",  # noqa: S106 - the emulator's dummy credentials
+    )
+
+
+def raw_service_environment(host: Host) -> dict[str, str]:
+    """The running service's environment, exactly (values may hold newlines)."""
+    pid = host.unit("MainPID")["MainPID"]
+    encoded = host.ssh(f"sudo base64 -w0 /proc/{pid}/environ").stdout.strip()
+    pairs = base64.b64decode(encoded).decode().split("\0")
+    return dict(pair.split("=", 1) for pair in pairs if "=" in pair)
+
+
+# Five deploys (three roll the host); run alone, the first test also pays for the lab (630 s seen).
+@pytest.mark.timeout(1800)
+def test_secrets_from_the_account_reach_the_service_roll_on_rotation_and_are_never_shown(
+    host: Host,
+) -> None:
+    """greeter_extra_env_from: a SecureString in the emulator's Parameter Store and a Secrets
+    Manager secret, read on the controller, reach the service's environment exactly (quotes, $,
+    backslashes, a newline); rotating one is a new release that rolls the host (changed), a rerun
+    changes nothing; no value shows in -v --diff output, the history or the release id. A missing
+    reference fails before the host changes, naming the reference, not a value."""
+    stack = host.env["GREETER_STACK_NAME"]
+    ssm, secrets = account(host, "ssm"), account(host, "secretsmanager")
+    parameter = f"/greeter/{stack}/secrets/api-token"
+    secret = f"greeter/{stack}/secrets/db-password"
+    marks = [os.urandom(8).hex() for _ in range(3)]  # what must never be shown
+    token, rotated, password = (
+        f'tok "{marks[0]}" $HOME \\x `id`',
+        f"tok-{marks[1]}",
+        f'{{"user": "greeter",\n "password": "{marks[2]}"}}',
+    )
+    ssm.put_parameter(Name=parameter, Value=token, Type="SecureString", Overwrite=True)
+    with contextlib.suppress(secrets.exceptions.ResourceExistsException):
+        secrets.create_secret(Name=secret, SecretString="placeholder")
+    secrets.put_secret_value(SecretId=secret, SecretString=password)
+    refs = [{"name": "HARDENING_SSM_TOKEN", "ssm": parameter},
+            {"name": "HARDENING_DB_PASSWORD", "secretsmanager": secret}]  # fmt: skip
+    args = ("-e", json.dumps({"greeter_extra_env_from": refs}), "-v", "--diff")
+    history = "/opt/greeter/history.jsonl"
+
+    timings = []
+    started = time.monotonic()
+    first = host.deploy(*args)
+    timings.append(f"first {time.monotonic() - started:.0f} s")
+    environment = raw_service_environment(host)
+    assert environment["HARDENING_SSM_TOKEN"] == token
+    assert environment["HARDENING_DB_PASSWORD"] == password
+    first_release = host.probe()["release"]
+
+    ssm.put_parameter(Name=parameter, Value=rotated, Type="SecureString", Overwrite=True)
+    started = time.monotonic()
+    rolled = host.deploy(*args)
+    timings.append(f"rotated {time.monotonic() - started:.0f} s")
+    assert recap(output(rolled))[host.name]["changed"] > 0
+    assert raw_service_environment(host)["HARDENING_SSM_TOKEN"] == rotated
+    release = host.probe()["release"]
+    assert release != first_release and release.split("-")[0] == host.current
+    started = time.monotonic()
+    rerun = host.deploy(*args)
+    timings.append(f"rerun {time.monotonic() - started:.0f} s")
+    assert recap(output(rerun))[host.name]["changed"] == 0, output(rerun)[-3000:]
+
+    entries = host.ssh(f"sudo cat {history}").stdout
+    assert first_release in entries and release in entries
+    for where, text in (("first run", output(first)), ("rotation", output(rolled)),
+                        ("rerun", output(rerun)), ("history", entries),
+                        ("release ids", first_release + release)):  # fmt: skip
+        for mark in marks:
+            assert mark not in text, f"a secret's value shows in the {where}"
+
+    # A reference that does not exist: the run stops before the host changes, naming it.
+    current = host.ssh("readlink /opt/greeter/current").stdout
+    missing = f"/greeter/{stack}/secrets/no-such-parameter"
+    gone = [*refs, {"name": "HARDENING_MISSING", "ssm": missing}]
+    started = time.monotonic()
+    refused = host.deploy("-e", json.dumps({"greeter_extra_env_from": gone}), "-v", check=False)
+    timings.append(f"refused {time.monotonic() - started:.0f} s")
+    shown = output(refused)
+    assert refused.returncode != 0
+    assert f"HARDENING_MISSING (from SSM parameter {missing})" in shown, shown[-3000:]
+    assert "Nothing was changed." in shown
+    assert "Take the fleet's deploy lock" not in shown  # stopped before the lock, any host
+    assert recap(shown)[host.name]["changed"] == 0
+    assert host.ssh("readlink /opt/greeter/current").stdout == current
+    assert host.ssh(f"sudo cat {history}").stdout == entries
+    assert not any(mark in shown for mark in marks)
+
+    # Without the references the values leave the service's environment again.
+    started = time.monotonic()
+    host.deploy()
+    timings.append(f"removed {time.monotonic() - started:.0f} s")
+    assert not {"HARDENING_SSM_TOKEN", "HARDENING_DB_PASSWORD"} & set(raw_service_environment(host))
+    print(f"\n[secrets timing] {', '.join(timings)}")
 
 
 # ---- bad playbook input ----------------------------------------------------------------------

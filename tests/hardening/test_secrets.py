@@ -280,3 +280,23 @@ def test_the_build_marker_and_the_history_are_root_s_to_read() -> None:
     history = tasks["Append to the deploy history"]["ansible.builtin.lineinfile"]
     assert history["mode"] == "{{ _greeter_history_wanted.mode }}", history
     assert "Keep the deploy history private" in tasks  # an existing file is fixed too
+
+
+def test_values_read_from_the_account_pass_only_through_no_log_tasks() -> None:
+    """greeter_extra_env_from's values live in _greeter_env_from: every task that sets or writes
+    it is no_log, and the lookups take their endpoint from the standard AWS environment only."""
+    touching = []
+    for name, task in role_tasks():
+        text = json.dumps({k: v for k, v in task.items() if k != "block"})
+        sets = "_greeter_env_from" in json.dumps(task.get("ansible.builtin.set_fact", {}))
+        if sets or ("greeter.env.j2" in text and "ansible.builtin.template" in task):
+            touching.append(f"{name}: {task['name']}")
+            if task.get("ansible.builtin.set_fact") == {"_greeter_env_from": {}}:
+                continue  # the empty start holds nothing
+            assert task.get("no_log") is True, f"{touching[-1]} may show a value"
+    assert len(touching) == 3, touching  # the start, the read, the env file's write
+    [read] = [t for _, t in role_tasks() if "amazon.aws.ssm_parameter" in json.dumps(t)]
+    assert "amazon.aws.secretsmanager_secret" in json.dumps(read)
+    assert "endpoint" not in json.dumps(read)
+    template = (ROLE / "templates" / "greeter.env.j2").read_text()
+    assert "_greeter_env_from" in template and "replace('$', '\\\\$')" in template

@@ -55,6 +55,21 @@ IAM_ONLY_ACTIONS = {
         "reboot) the first time the account needs AWSServiceRoleForCloudWatchEvents; "
         "CloudWatch creates that role itself"
     ),
+    "kms:Decrypt": (
+        "checked by SSM and Secrets Manager when greeter_extra_env_from reads a SecureString or a "
+        "secret encrypted with a customer managed key (kms:ViaService): they decrypt, the caller "
+        "makes no KMS call"
+    ),
+}
+
+# Actions a policy must hold for a feature the recorded commands may leave off: no recording of
+# a run without it can show them, so check_policy does not report them unused by default. The
+# test named records them.
+FEATURE_ACTIONS = {
+    "secretsmanager:GetSecretValue": (
+        "greeter_extra_env_from's Secrets Manager references, read by a deploy that names one "
+        "(tests/aws/test_iam.py::test_greeter_extra_env_from_reads_two_actions_both_deployers_hold)"
+    ),
 }
 
 _CREDENTIAL = re.compile(r"Credential=([^/,\s]+)/[^/]+/([^/]+)/([^/]+)/aws4_request")
@@ -220,10 +235,11 @@ def check_policy(
     """What is wrong with a policy for these calls, one sentence each; [] when it fits exactly.
 
     Actions called but not allowed, and allowed actions nothing called, except those in
-    ``exempt`` (default IAM_ONLY_ACTIONS: action -> why no recording can show it).
+    ``exempt`` (default IAM_ONLY_ACTIONS and FEATURE_ACTIONS: action -> why the recording may
+    not show it).
     """
     policy = load_policy(policy_path)
-    exempt = IAM_ONLY_ACTIONS if exempt is None else exempt
+    exempt = IAM_ONLY_ACTIONS | FEATURE_ACTIONS if exempt is None else exempt
     called = sorted(set(called_actions))
     name = Path(policy_path).name
     problems = [
