@@ -115,6 +115,34 @@ def remove_cgroups(name: str) -> None:
 
 BOOT_RETRIES = 6
 
+INOTIFY_INSTANCES = Path("/proc/sys/fs/inotify/max_user_instances")
+# inotify instances one booted host holds (its systemd, journald, logind, dbus, sshd...):
+# 10 measured on a deployed bookworm host (7 on the balancer's), plus room for a deploy's own.
+INOTIFY_PER_HOST = 12
+
+
+def inotify_in_use() -> int:
+    """inotify instances open on the machine now (every lab's hosts, any user's; a process
+    whose descriptors cannot be read counts none)."""
+    count = 0
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        with contextlib.suppress(OSError):
+            count += sum(1 for fd in fd_dir.iterdir() if os.readlink(fd) == "anon_inode:inotify")
+    return count
+
+
+def ensure_inotify(hosts: int) -> None:
+    """Raise fs.inotify.max_user_instances to fit `hosts` more hosts beside what is open now.
+
+    It is one limit per user for the whole machine, and every host's systemd runs as root: the
+    Debian default (128, here 1024) is used up by about 60 hosts across all the labs, and a
+    host past it fails to boot ("Too many open files"). Only ever raised, never lowered."""
+    current = int(INOTIFY_INSTANCES.read_text())
+    wanted = inotify_in_use() + INOTIFY_PER_HOST * hosts + 128
+    if wanted > current:
+        log(f"raising fs.inotify.max_user_instances from {current} to {wanted} for {hosts} hosts")
+        INOTIFY_INSTANCES.write_text(f"{wanted}\n")
+
 
 def nspawn_command(lab: Lab, host: Host) -> list[str]:
     # --console=read-only: nspawn copies the guest's console into console.log. cloud-init writes

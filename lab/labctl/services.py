@@ -26,6 +26,8 @@ from .common import (
 from .image import image_mirror
 from .state import Lab, alive, spawn
 
+WHEEL_SERVER = Path(__file__).with_name("wheelserver.py")
+
 
 def git_head() -> str:
     return run("git", "-C", REPO, "rev-parse", "HEAD", capture_output=True).stdout.strip()
@@ -162,13 +164,15 @@ def start_services(lab: Lab) -> None:
     commands = {
         "launcher": lambda: [str(VENV_BIN / "python"), str(LAUNCHER), lab.name],
         "apt": lambda: ["apt-cacher-ng", "-c", str(apt_proxy_config(lab)), "ForeGround=1"],
+        # --max-connections=0: git daemon's default of 32 concurrent clients would refuse
+        # clones ("Too many children, dropping connection") once forks exceed it at 50 hosts.
         "git": lambda: [
-            "git", "daemon", "--reuseaddr", "--verbose", f"--listen={b}", f"--port={GIT_PORT}",
-            f"--base-path={git_root}", git_root,
+            "git", "daemon", "--reuseaddr", "--verbose", "--max-connections=0", f"--listen={b}",
+            f"--port={GIT_PORT}", f"--base-path={git_root}", git_root,
         ],
         "wheels": lambda: [
-            sys.executable, "-m", "http.server", "--bind", b,
-            "--directory", str(ensure_wheelhouse(DISTRO_PYTHONS[lab.distro])), str(WHEEL_PORT),
+            sys.executable, str(WHEEL_SERVER), b, str(WHEEL_PORT),
+            str(ensure_wheelhouse(DISTRO_PYTHONS[lab.distro])),
         ],
     }  # fmt: skip
     for role, command in commands.items():
