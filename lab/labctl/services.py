@@ -154,6 +154,15 @@ def start_emulator(lab: Lab) -> None:
     lab.save()
 
 
+def git_daemon_command(address: str, port: int, root: str) -> list[str]:
+    """--max-connections=0: git daemon's default of 32 clients at once drops the rest ("Too
+    many children, dropping connection") once Ansible's forks clone on more hosts than that."""
+    return [
+        "git", "daemon", "--reuseaddr", "--verbose", "--max-connections=0",
+        f"--listen={address}", f"--port={port}", f"--base-path={root}", root,
+    ]  # fmt: skip
+
+
 def start_services(lab: Lab) -> None:
     """The emulator on loopback (first: the launcher reads its port); the apt proxy, git daemon
     and wheel server on the bridge only."""
@@ -164,12 +173,7 @@ def start_services(lab: Lab) -> None:
     commands = {
         "launcher": lambda: [str(VENV_BIN / "python"), str(LAUNCHER), lab.name],
         "apt": lambda: ["apt-cacher-ng", "-c", str(apt_proxy_config(lab)), "ForeGround=1"],
-        # --max-connections=0: git daemon's default of 32 concurrent clients would refuse
-        # clones ("Too many children, dropping connection") once forks exceed it at 50 hosts.
-        "git": lambda: [
-            "git", "daemon", "--reuseaddr", "--verbose", "--max-connections=0", f"--listen={b}",
-            f"--port={GIT_PORT}", f"--base-path={git_root}", git_root,
-        ],
+        "git": lambda: git_daemon_command(b, GIT_PORT, git_root),
         "wheels": lambda: [
             sys.executable, str(WHEEL_SERVER), b, str(WHEEL_PORT),
             str(ensure_wheelhouse(DISTRO_PYTHONS[lab.distro])),
