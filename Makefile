@@ -68,7 +68,7 @@ lab-up: dev host-deps ## start $(N) lab hosts
 lab-down: ## stop the lab hosts and leave nothing behind
 	lab/lab down
 
-bench: dev host-deps ## service, balancer and deployment benchmarks (ratios against baselines)
+bench: dev host-deps ## service, balancer, deployment and scale benchmarks (ratios against baselines)
 	bench/run
 
 clean: lab-down ## remove the virtualenv and caches (keeps the lab image cache)

@@ -2,11 +2,13 @@
 
 import sys
 
-from bench import balancer, deploy, service
+from bench import balancer, deploy, scale, service
 from bench.common import LATEST, BenchError, Target
 
-SUITES = {"service": service, "balancer": balancer, "deploy": deploy}
-USAGE = "usage: bench/run [service|balancer|deploy] [FLAGS of that one; bench/run service --help]"
+SUITES = {"service": service, "balancer": balancer, "deploy": deploy, "scale": scale}
+USAGE = (
+    "usage: bench/run [service|balancer|deploy|scale] [FLAGS of that one; bench/run service --help]"
+)
 
 
 def main(argv: list[str]) -> int:
@@ -32,7 +34,7 @@ def main(argv: list[str]) -> int:
             continue
         print(text + "\n", flush=True)
         checked += found
-    print("## Targets (issues 6 and 12)\n")
+    print("## Targets (issues 6, 12 and 23)\n")
     print("\n".join(t.line() for t in checked))
     missed = [t.name for t in checked if not t.ok]
     print(f"\nJSON: {LATEST}")

@@ -107,11 +107,12 @@ class Lab:
             raise BenchError(f"lab/lab {' '.join(args)} failed: {done.stderr[-2000:]}")
         return done.stdout
 
-    def up(self, count: int) -> float:
-        """Fresh hosts: down first, so a first deploy really meets new hosts."""
+    def up(self, count: int, balancer: bool = False) -> float:
+        """Fresh hosts: down first, so a first deploy really meets new hosts. `balancer`: and
+        the host standing in for the stack's balancer instance (greeter-lb)."""
         self.down()
         started = time.monotonic()
-        self._lab("up", str(count))
+        self._lab("up", str(count), *(["--balancer"] if balancer else []))
         self.env = {}
         for line in self._lab("env").splitlines():
             words = shlex.split(line)

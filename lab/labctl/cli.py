@@ -38,6 +38,7 @@ from .common import (
 from .hosts import (
     cgroup_name,
     cgroup_pids,
+    ensure_inotify,
     host_dir,
     keygen,
     launch_marker,
@@ -147,6 +148,7 @@ def cmd_up(count: int, balancer: bool = False) -> None:
         (lab.state / "ssh").mkdir(mode=0o700)
         keygen(lab.state / "ssh" / "id_ed25519", f"lab-{name}")
         (lab.state / "ssh" / "known_hosts").touch()
+        ensure_inotify(len(lab.machines))
         make_network(lab)
         mount_host_tmpfs(lab)
         for host in lab.machines:

@@ -26,6 +26,8 @@ from .common import (
 from .image import image_mirror
 from .state import Lab, alive, spawn
 
+WHEEL_SERVER = Path(__file__).with_name("wheelserver.py")
+
 
 def git_head() -> str:
     return run("git", "-C", REPO, "rev-parse", "HEAD", capture_output=True).stdout.strip()
@@ -152,6 +154,15 @@ def start_emulator(lab: Lab) -> None:
     lab.save()
 
 
+def git_daemon_command(address: str, port: int, root: str) -> list[str]:
+    """--max-connections=0: git daemon's default of 32 clients at once drops the rest ("Too
+    many children, dropping connection") once Ansible's forks clone on more hosts than that."""
+    return [
+        "git", "daemon", "--reuseaddr", "--verbose", "--max-connections=0",
+        f"--listen={address}", f"--port={port}", f"--base-path={root}", root,
+    ]  # fmt: skip
+
+
 def start_services(lab: Lab) -> None:
     """The emulator on loopback (first: the launcher reads its port); the apt proxy, git daemon
     and wheel server on the bridge only."""
@@ -162,13 +173,10 @@ def start_services(lab: Lab) -> None:
     commands = {
         "launcher": lambda: [str(VENV_BIN / "python"), str(LAUNCHER), lab.name],
         "apt": lambda: ["apt-cacher-ng", "-c", str(apt_proxy_config(lab)), "ForeGround=1"],
-        "git": lambda: [
-            "git", "daemon", "--reuseaddr", "--verbose", f"--listen={b}", f"--port={GIT_PORT}",
-            f"--base-path={git_root}", git_root,
-        ],
+        "git": lambda: git_daemon_command(b, GIT_PORT, git_root),
         "wheels": lambda: [
-            sys.executable, "-m", "http.server", "--bind", b,
-            "--directory", str(ensure_wheelhouse(DISTRO_PYTHONS[lab.distro])), str(WHEEL_PORT),
+            sys.executable, str(WHEEL_SERVER), b, str(WHEEL_PORT),
+            str(ensure_wheelhouse(DISTRO_PYTHONS[lab.distro])),
         ],
     }  # fmt: skip
     for role, command in commands.items():

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import ipaddress
 import json
+import socket
 import subprocess
 import sys
+import time
+import types
 from pathlib import Path
 
 import pytest
@@ -14,7 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "lab"))  # the lab's package, standard library only
 
-from labctl import cli, common, inventory, network, services, state  # noqa: E402 - after the path above
+from labctl import cli, common, hosts, inventory, network, services, state  # noqa: E402 - after the path above
 
 
 def test_an_address_that_does_not_leave_through_the_lab_bridge_is_refused() -> None:
@@ -170,3 +174,94 @@ def test_the_launcher_imports_the_lab_key_in_the_lab_region(
         assert launcher.ec2_client(lab).describe_key_pairs()["KeyPairs"] == []
     finally:
         state.stop([lab.processes["emulator"]])
+
+
+# --- a lab of 50 hosts ---------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(argv: list[str], port: int) -> subprocess.Popen:
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return process
+        assert process.poll() is None and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.1)
+
+
+def test_the_git_daemon_keeps_more_than_32_clients_at_once(tmp_path: Path) -> None:
+    """git daemon's default drops the 33rd client: 50 hosts cloning at once lost some."""
+    port = _free_port()
+    daemon = _start(services.git_daemon_command("127.0.0.1", port, str(tmp_path)), port)
+    try:
+        clients = [socket.create_connection(("127.0.0.1", port), 5) for _ in range(40)]
+        time.sleep(1)  # a dropped client's connection is closed by then
+        dropped = 0
+        for client in clients:
+            client.setblocking(False)
+            with contextlib.suppress(BlockingIOError):  # still open, waiting for a request
+                dropped += client.recv(1) == b""
+            client.close()
+        assert dropped == 0
+    finally:
+        daemon.terminate()
+        daemon.wait(10)
+
+
+def test_the_wheel_server_listens_with_a_backlog_for_a_fleet(tmp_path: Path) -> None:
+    """http.server's backlog of 5 dropped pip's connections beyond it (a SYN retry each)."""
+    (tmp_path / "x-1.0-py3-none-any.whl").write_bytes(b"wheel")
+    port = _free_port()
+    argv = [sys.executable, str(services.WHEEL_SERVER), "127.0.0.1", str(port), str(tmp_path)]
+    server = _start(argv, port)
+    try:
+        listening = subprocess.run(
+            ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True
+        ).stdout.split()
+        assert int(listening[2]) >= 200, listening  # Send-Q of a listening socket: its backlog
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        connection.request("GET", "/x-1.0-py3-none-any.whl")
+        assert connection.getresponse().read() == b"wheel"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_inotify_instances_are_raised_to_fit_the_lab_and_never_lowered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limit = tmp_path / "max_user_instances"
+    monkeypatch.setattr(hosts, "INOTIFY_INSTANCES", limit)
+    monkeypatch.setattr(hosts, "inotify_in_use", lambda: 900)
+    limit.write_text("1024\n")
+    hosts.ensure_inotify(51)  # 50 hosts and the balancer, beside 900 open
+    assert int(limit.read_text()) >= 900 + 10 * 51
+    limit.write_text("100000\n")
+    hosts.ensure_inotify(51)
+    assert limit.read_text() == "100000\n"
+
+
+@pytest.mark.parametrize(
+    ("count", "available_mib", "in_memory"), [(3, 10_000, True), (50, 10_000, False)]
+)
+def test_hosts_write_to_the_disk_when_their_writes_would_not_fit_in_memory(
+    count: int,
+    available_mib: int,
+    in_memory: bool,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    mounts: list[tuple] = []
+    monkeypatch.setattr(hosts, "run", lambda *args, **kw: mounts.append(args))
+    monkeypatch.setattr(hosts, "mem_available_mib", lambda: available_mib)
+    monkeypatch.delenv("LAB_HOSTS_ON_DISK", raising=False)
+    lab = types.SimpleNamespace(name="x", state=tmp_path, machines=[object()] * count)
+    hosts.mount_host_tmpfs(lab)
+    assert (tmp_path / "hosts").is_dir()
+    assert [m[:3] for m in mounts] == ([("mount", "-t", "tmpfs")] if in_memory else [])
