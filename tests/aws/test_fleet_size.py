@@ -2,9 +2,8 @@
 
 The smallest such fleet (31 instances) is enough to take the S3 path; the emulator's cost grows
 with every instance (a 100-host create took 246 s here), and the expansion itself is checked up
-to 194 hosts without it (test_stack_template.py). Twelve hosts end to end, on lab hosts behind
-the front door, are tests/frontdoor/test_fleet_of_12.py; scaling in and out by the one variable
-is test_provision.py's."""
+to 194 hosts without it (test_stack_template.py); scaling in and out by the one variable is
+test_provision.py's."""
 
 from __future__ import annotations
 
