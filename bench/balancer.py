@@ -95,8 +95,9 @@ def render_config(path: Path, port: int, backend_ports: list[int], socket: Path)
     What differs from a deployed balancer, and why: it binds 127.0.0.1 on a free port, not
     ``[::]:50051`` (loopback only, on a machine where others run servers); its backends are this
     run's servers on loopback (an inventory of its own, group ``greeter_servers``); the runtime
-    API socket lives in the run's log folder, not ``/run/haproxy/admin.sock`` (another HAProxy on
-    this machine may own that path). Everything else, checks and timeouts included, is the role's.
+    API socket and the server-state file live in the run's log folder, not ``/run/haproxy/``
+    (another HAProxy on this machine may own those paths). Everything else, checks and timeouts
+    included, is the role's.
     """
     backends = {
         f"backend-{i}": {"greeter_backend_address": "127.0.0.1", "greeter_port": backend_port}
@@ -112,6 +113,7 @@ def render_config(path: Path, port: int, backend_ports: list[int], socket: Path)
         "greeter_lb_bind": "127.0.0.1",
         "greeter_lb_port": port,
         "_greeter_lb_socket": str(socket),
+        "_greeter_lb_states_file": str(socket.with_suffix(".state")),
         "ansible_python_interpreter": sys.executable,
     }
     with tempfile.TemporaryDirectory(prefix="bench-haproxy-") as tmp:
