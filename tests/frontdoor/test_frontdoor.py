@@ -675,6 +675,16 @@ def set_at_balancer(lab: LabSession, name: str, state: str) -> None:
     assert said.stdout.strip() == "", said.stdout
 
 
+def test_a_rerun_changes_nothing_on_the_hosts_or_the_balancer(fleet: LabSession) -> None:
+    started = time.monotonic()
+    result = fleet.playbook("site.yml")
+    print(f"\n[frontdoor timing] no-op site.yml: {time.monotonic() - started:.1f} s", flush=True)
+    counters = recap(result.stdout)
+    for name in [*BACKENDS, "greeter-lb"]:
+        assert counters[name]["changed"] == 0, (name, result.stdout[-4000:])
+    assert "Set the host at the balancer" not in result.stdout  # no hook ran: nobody was drained
+
+
 def test_a_backend_left_drained_is_put_back_by_the_next_deploy_saying_why(
     fleet: LabSession,
 ) -> None:
@@ -826,13 +836,3 @@ def test_a_run_killed_between_drain_and_ready_and_its_rerun_fail_no_call(
     assert rc == 0, rows
     assert {row["commit"] for row in rows} == {new}
     wait_all_up(fleet, BACKENDS)
-
-
-def test_a_rerun_changes_nothing_on_the_hosts_or_the_balancer(fleet: LabSession) -> None:
-    started = time.monotonic()
-    result = fleet.playbook("site.yml")
-    print(f"\n[frontdoor timing] no-op site.yml: {time.monotonic() - started:.1f} s", flush=True)
-    counters = recap(result.stdout)
-    for name in [*BACKENDS, "greeter-lb"]:
-        assert counters[name]["changed"] == 0, (name, result.stdout[-4000:])
-    assert "Set the host at the balancer" not in result.stdout  # no hook ran: nobody was drained
