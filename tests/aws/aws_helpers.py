@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
-from support import watchdog
+from support import emulator, watchdog
 from support.net import free_port as free_loopback_port  # noqa: F401 -- the old name
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,13 +67,7 @@ def stop_emulator(process: subprocess.Popen[str]) -> int:
 
 def emulator_client(endpoint: str, service: str, region: str = REGION) -> Any:
     """A boto3 client of the emulator at `endpoint`, with moto's dummy credentials."""
-    return boto3.client(
-        service,
-        endpoint_url=endpoint,
-        region_name=region,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",  # noqa: S106 - moto's dummy credentials
-    )
+    return emulator.client(endpoint, service, region)
 
 
 def unwrap(value: Any) -> Any:

@@ -30,9 +30,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
-from support import watchdog
+from support import emulator, watchdog
 from support.ansible import recap
 from support.aws_calls import AwsCallRecorder, check_policy
 from support.lab import REPO, LabSession, lab_command, start_lab
@@ -154,13 +153,7 @@ class Account:
         return AwsCallRecorder(self.endpoint)
 
     def client(self, service: str) -> Any:
-        return boto3.client(
-            service,
-            endpoint_url=self.endpoint,
-            region_name=self.readme.region,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",  # noqa: S106 - the emulator's dummy credentials
-        )
+        return emulator.client(self.endpoint, service, self.readme.region)
 
     def machine_env(self, home: Path) -> dict[str, str]:
         """What the machine itself provides a shell, and no more: a system PATH (no project

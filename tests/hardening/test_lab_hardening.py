@@ -30,9 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
-from support import watchdog
+from support import emulator, watchdog
 from support.ansible import recap, with_ssh_options
 from support.git_http import git_over_http, publish
 from support.lab import LabSession, attach_lab, output
@@ -462,13 +461,7 @@ def test_repo_credentials_and_extra_env_secrets_stay_secret(host: Host) -> None:
 
 def account(host: Host, service: str) -> Any:
     """A client of the lab's AWS emulator, as the playbooks reach it (AWS_ENDPOINT_URL)."""
-    return boto3.client(
-        service,
-        endpoint_url=host.env["AWS_ENDPOINT_URL"],
-        region_name=host.env["AWS_REGION"],
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",  # noqa: S106 - the emulator's dummy credentials
-    )
+    return emulator.client(host.env["AWS_ENDPOINT_URL"], service, host.env["AWS_REGION"])
 
 
 def raw_service_environment(host: Host) -> dict[str, str]:

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import boto3
 import pytest
+from support import emulator
 from support.lab import output
 
 if TYPE_CHECKING:
@@ -21,13 +21,7 @@ pytestmark = pytest.mark.lab
 
 
 def ec2(lab: LabSession):
-    return boto3.client(
-        "ec2",
-        endpoint_url=lab.env["AWS_ENDPOINT_URL"],
-        region_name=lab.env["AWS_REGION"],
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",  # noqa: S106 - the emulator's dummy credentials
-    )
+    return emulator.client(lab.env["AWS_ENDPOINT_URL"], "ec2", lab.env["AWS_REGION"])
 
 
 def instances(lab: LabSession) -> dict[str, dict]:

@@ -19,9 +19,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
-from support import watchdog
+from support import emulator, watchdog
 from support.lab import LabSession
 
 pytestmark = pytest.mark.lab
@@ -33,13 +32,7 @@ GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
 
 
 def aws(lab: LabSession, service: str) -> Any:
-    return boto3.client(
-        service,
-        endpoint_url=lab.env["AWS_ENDPOINT_URL"],
-        region_name=lab.env["AWS_REGION"],
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",  # noqa: S106 - moto's dummy credentials
-    )
+    return emulator.client(lab.env["AWS_ENDPOINT_URL"], service, lab.env["AWS_REGION"])
 
 
 def clone(lab: LabSession, where: Path) -> Path:
