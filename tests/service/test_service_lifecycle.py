@@ -71,20 +71,24 @@ def test_sigterm_lets_an_open_call_finish_refuses_new_ones_and_exits_0(server_fa
 
 def test_sigterm_during_a_burst_with_drain_delay_fails_no_call(server_factory):
     # Calls still queued inside gRPC's transport when the server stops are CANCELLED by gRPC
-    # itself; the drain delay is what lets that queue empty first (see service/README.md).
-    server = server_factory("--workers", "1", "--threads", "4", "--drain-delay", "3")
+    # itself; the drain delay is what lets that queue empty first (see service/README.md). A
+    # balancer keeps sending until it sees NOT_SERVING, so calls sent during the delay count too.
+    server = server_factory("--workers", "1", "--threads", "4", "--drain-delay", "5")
     channel, stub = fresh_stub(server.target)
     finished_at: dict[int, float] = {}
+
+    def send(index: int) -> grpc.Future:
+        call = stub.SayHello.future(pb.Mensagem(nome=f"n{index}"), timeout=30)
+        call.add_done_callback(lambda _, i=index: finished_at.setdefault(i, time.time()))
+        return call
+
     with channel:
-        calls = []
-        for index in range(1500):
-            call = stub.SayHello.future(pb.Mensagem(nome=f"n{index}"), timeout=30)
-            call.add_done_callback(lambda _, i=index: finished_at.setdefault(i, time.time()))
-            calls.append(call)
+        calls = [send(index) for index in range(1500)]
         server.signal(signal.SIGTERM)
         draining = server.wait_event("draining")
+        calls += [send(index) for index in range(1500, 1700)]  # sent while it drains
         answers = [call.result().texto for call in calls]  # raises if any call failed
-        assert answers == [f"Olá, n{i}!" for i in range(1500)]
+        assert answers == [f"Olá, n{i}!" for i in range(1700)]
         assert server.process.wait(30) == 0
     drain_started = datetime.fromisoformat(draining["ts"]).timestamp()
     # The burst really was still being answered after the server began to drain.

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from datetime import datetime, timezone
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
@@ -109,6 +110,9 @@ RUN_ID = re.compile(r"^[0-9a-f]{16}$")
 CLAIM_ABANDONED_SECONDS = 120
 # A take retries when the lock vanishes between the refused create and the read (released then).
 TAKE_ATTEMPTS = 5
+# A breaker that finds another's claim waits this long for that break to end, to name the run
+# that really holds the lock after it (a plain take may win the instant the breaker deletes).
+CLAIM_WAIT_SECONDS = 15
 
 
 def _now() -> datetime:
@@ -219,6 +223,34 @@ def check_break(module: AnsibleModule, held: dict) -> None:
     )
 
 
+def lost_to_break(module: AnsibleModule, ssm: Parameters, held: dict, other: dict) -> None:
+    """Fail because another run is breaking the same lock: once its break ended, name the run
+    that holds the lock then (the breaker, or a run that took it in the instant it was free)."""
+    name = module.params["name"]
+    deadline = time.monotonic() + CLAIM_WAIT_SECONDS
+    while ssm.read(f"{name}-break") is not None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    now = ssm.read(name)
+    if now is not None and now.get("run_id") != held.get("run_id"):
+        module.fail_json(
+            msg=(
+                f"Another run broke the fleet's deploy lock (of run {held.get('run_id', '?')}) at "
+                f"the same time: it is now held by {describe(now)}. Nothing was changed."
+            ),
+            holder=public(now),
+            held=False,
+        )
+    module.fail_json(
+        msg=(
+            f"Run {other.get('run_id', '?')} is breaking the fleet's deploy lock right now "
+            f"(the lock of run {other.get('breaking', '?')}, since {other.get('time', '?')}): "
+            f"that run takes the lock, not this one. Nothing was changed."
+        ),
+        holder=public(held),
+        held=False,
+    )
+
+
 def break_and_take(module: AnsibleModule, ssm: Parameters, held: dict, mine: dict) -> None:
     """Break `held` and take the lock, or fail: exactly one of two breakers gets here and wins."""
     name = module.params["name"]
@@ -233,15 +265,7 @@ def break_and_take(module: AnsibleModule, ssm: Parameters, held: dict, mine: dic
         if attempt == 0 and other["age_seconds"] > CLAIM_ABANDONED_SECONDS:
             ssm.delete(claim_name)  # left by a breaker that died: its break never happened
             continue
-        module.fail_json(
-            msg=(
-                f"Run {other.get('run_id', '?')} is breaking the fleet's deploy lock right now "
-                f"(the lock of run {other.get('breaking', '?')}, since {other.get('time', '?')}): "
-                f"that run takes the lock, not this one. Nothing was changed."
-            ),
-            holder=public(held),
-            held=False,
-        )
+        lost_to_break(module, ssm, held, other)
     else:
         module.fail_json(msg=f"Could not claim the break of {name}; rerun. Nothing was changed.")
     try:
