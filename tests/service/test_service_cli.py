@@ -254,6 +254,24 @@ def test_bench_for_a_duration_counts_every_call(counting_servers):
     assert 1.0 <= report["total_s"] < 3
 
 
+def test_bench_at_a_rate_makes_a_steady_load_over_processes_too(counting_servers):
+    """--rate 100 for 2 s is about 200 calls however many slots and processes share it; flat
+    out, the same run makes many more (a pacing that did nothing would pass neither way)."""
+    server = counting_servers()
+    for procs in ("1", "2"):
+        before = server.greeter.calls
+        code, report = bench_json(
+            server.target, "-z", "2s", "-c", "8", "--procs", procs, "--rate", "100"
+        )
+        assert code == 0
+        assert report["count"] == server.greeter.calls - before
+        assert 120 <= report["count"] <= 215, (procs, report["count"])
+    code, flat = bench_json(server.target, "-z", "2s", "-c", "8")
+    assert code == 0 and flat["count"] > 600, flat["count"]
+    refused = run_client("bench", server.target, "--rate", "0")
+    assert refused.returncode == 2 and "calls per second above 0" in refused.stderr
+
+
 def test_bench_over_several_processes_merges_their_counts(counting_servers):
     server = counting_servers()
     code, report = bench_json(server.target, "-n", "501", "-c", "10", "--procs", "2")

@@ -59,6 +59,7 @@ class LoadSpec:
     name: str = "bench"
     deadline: float = 20.0
     connect_timeout: float = 10.0
+    rate: float = 0.0  # calls/s in all; 0: each slot calls again as soon as its call ends
 
     @property
     def fleet(self) -> bool:
@@ -76,6 +77,7 @@ class LoadSpec:
             total=None if self.total is None else split(self.total),
             connections=max(1, split(self.connections)),
             warmup_calls=split(self.warmup_calls),
+            rate=self.rate * split(self.concurrency) / self.concurrency,
         )
 
 
@@ -90,7 +92,8 @@ class RunResult:
 
 
 class _Load:
-    """Keeps ``concurrency`` calls in flight until the count or the time is used up."""
+    """Keeps ``concurrency`` calls in flight until the count or the time is used up (with a
+    ``rate``, each slot starts a call every concurrency/rate seconds: a steady load)."""
 
     def __init__(
         self,
@@ -101,7 +104,9 @@ class _Load:
         total: int | None,
         duration: float | None,
         deadline: float,
+        rate: float = 0.0,
     ) -> None:
+        self._period = concurrency / rate if rate else 0.0
         self._calls = [stub.SayHello for stub in stubs]
         self._request = request
         self._concurrency = concurrency
@@ -125,9 +130,11 @@ class _Load:
         )
 
     async def _loop(self, call: Any) -> None:
-        """One slot: call after call, each started as soon as the previous one ends."""
+        """One slot: call after call, each started as soon as the previous one ends (or, with a
+        rate, when its turn comes)."""
         request, deadline, total, end = self._request, self._deadline, self._total, self._end
         latencies, claims, clock = self.latencies, self._claims, time.perf_counter
+        period, due = self._period, clock()
         while (total is None or next(claims) < total) and clock() < end:
             started = clock()
             try:
@@ -135,6 +142,9 @@ class _Load:
             except grpc.aio.AioRpcError as error:
                 self.failures.append((error.code().name, error.details() or ""))
             latencies.append(clock() - started)
+            if period:
+                due += period
+                await asyncio.sleep(min(due, end) - clock())
 
     def progress(self) -> int:
         return len(self.latencies)
@@ -195,6 +205,7 @@ async def _run_async(
             total=spec.total,
             duration=spec.duration,
             deadline=spec.deadline,
+            rate=spec.rate,
         )
         if on_start:
             on_start(load.progress)

@@ -14,6 +14,7 @@ Exit codes (every subcommand):
 
 import argparse
 import json
+import math
 import re
 import sys
 from collections.abc import Sequence
@@ -62,6 +63,17 @@ def positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def rate(text: str) -> float:
+    """Calls per second: a positive number."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected calls per second above 0, got {text!r}")
     return value
 
 
@@ -143,6 +155,9 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument("--name", default="bench", help="the nome sent (default bench)")
     load.add_argument("--procs", type=positive, default=1, help="client processes (default 1)")
     load.add_argument("--deadline", type=duration, default=20.0, help="per call (default 20 s)")
+    load.add_argument(
+        "--rate", type=rate, default=0.0, help="calls/s in all, a steady load (default: flat out)"
+    )
     load.add_argument("--json", action="store_true", help="the report as JSON")
     return parser
 
@@ -219,6 +234,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         warmup_seconds=args.warmup[1],
         name=args.name,
         deadline=args.deadline,
+        rate=args.rate,
     )
     spec.tls.credentials()  # unreadable TLS files are a usage error, before any process starts
     try:
