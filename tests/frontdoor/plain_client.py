@@ -3,10 +3,12 @@
     python plain_client.py TARGET THREADS            # SayHello in a loop until SIGTERM
     python plain_client.py TARGET THREADS --calls N  # N GetVersion calls, then stop
     python plain_client.py ... --ca CA.pem           # the same over TLS, trusting that CA
+    python plain_client.py ... --rate R              # at most R calls/s in all (steady traffic)
 
-Each thread keeps one call in flight on the shared channel. Prints one JSON object: calls that
-succeeded, the failed ones ([started, ended, code, details], wall-clock seconds) and, for
-GetVersion, how many calls each backend hostname answered.
+Each thread keeps one call in flight on the shared channel (with --rate, one call every
+THREADS/R seconds: a steady client, which leaves the machine's cores to the deploy it watches).
+Prints one JSON object: calls that succeeded, the failed ones ([started, ended, code, details],
+wall-clock seconds) and, for GetVersion, how many calls each backend hostname answered.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def main() -> None:
     parser.add_argument("threads", type=int)
     parser.add_argument("--calls", type=int, default=0)
     parser.add_argument("--ca", help="call over TLS, trusting this PEM CA (nothing else set)")
+    parser.add_argument("--rate", type=float, default=0, help="calls/s in all (0: flat out)")
     args = parser.parse_args()
     options = [("grpc.enable_retries", 0)]
     if args.ca:
@@ -63,7 +66,10 @@ def main() -> None:
             with lock:
                 failures.append([started, time.time(), code, details])
 
+    period = args.threads / args.rate if args.rate else 0.0
+
     def loop() -> None:
+        due = time.monotonic()
         while not stop.is_set():
             if args.calls:
                 with lock:
@@ -71,6 +77,9 @@ def main() -> None:
                         return
                     remaining[0] -= 1
             one()
+            if period:
+                due += period
+                stop.wait(max(0.0, due - time.monotonic()))
 
     workers = [threading.Thread(target=loop) for _ in range(args.threads)]
     for worker in workers:
