@@ -68,13 +68,15 @@ def lab_cli() -> Callable[..., subprocess.CompletedProcess]:
 
 @pytest.fixture(scope="session")
 def extra_lab() -> Iterator[Callable[..., LabSession]]:
-    """`extra_lab(name, count, **settings)`: another lab beside the session's (provisioned, with
-    the lab's default busy first boot unless `settings` say otherwise; see start_lab), taken
-    down at the end."""
+    """`extra_lab(name, count, **settings)`: another lab beside the session's (provisioned; see
+    start_lab), taken down at the end. Its hosts' busy first boot is 5 s unless `settings` say
+    otherwise (busy_boot=None: the lab's default minute, which tests/deploy/test_first_boot.py
+    proves the deploy waits out): a suite that deploys right away would sit out that minute."""
     started: list[str] = []
 
     def make(name: str, count: int, **settings: object) -> LabSession:
         started.append(name)
+        settings.setdefault("busy_boot", 5)
         return start_lab(name, count, **settings)
 
     yield make

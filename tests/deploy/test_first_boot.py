@@ -24,7 +24,7 @@ LAB_NAME = "boot"
 @pytest.fixture(scope="module")
 def busy(extra_lab: Callable[..., LabSession]) -> LabSession:
     """Two hosts with the lab's default busy first boot, provisioned a moment ago."""
-    return extra_lab(LAB_NAME, 2)
+    return extra_lab(LAB_NAME, 2, busy_boot=None)
 
 
 def nothing_deployed(lab: LabSession, host_index: int) -> bool:

@@ -37,8 +37,7 @@ FIRST_ON_A_RELEASE = pytest.mark.timeout(1800)
 
 @pytest.fixture(scope="module")
 def trixie(extra_lab: Callable[..., LabSession]) -> LabSession:
-    """One trixie host and a trixie balancer host in front of it, with the lab's default busy
-    first boot."""
+    """One trixie host and a trixie balancer host in front of it."""
     return extra_lab("trixie", 1, balancer=True, distro="trixie")
 
 
