@@ -30,20 +30,6 @@ def _load_redact():
 _redact = _load_redact()
 
 
-def greeter_drift(wanted: dict[str, dict], actual: dict[str, dict]) -> list[str]:
-    """Paths whose actual state differs from the wanted one in any key the wanted state names.
-
-    ``wanted`` maps a path to what the role would make of it (state, owner, group, mode,
-    checksum); ``actual`` is the ``files`` answer of greeter_release_info for the same paths.
-    A path the state read did not cover counts as drifted, so the task runs rather than skips.
-    """
-    return [
-        path
-        for path, want in wanted.items()
-        if any(str(actual.get(path, {}).get(key)) != str(value) for key, value in want.items())
-    ]
-
-
 def greeter_tls_wanted(files: list[dict], folder: str, group: str) -> list[tuple[str, dict]]:
     """(host path, wanted state) of each TLS file, its checksum read from the controller file.
 
@@ -242,7 +228,6 @@ class FilterModule:
 
     def filters(self) -> dict:
         return {
-            "greeter_drift": greeter_drift,
             "greeter_tls_wanted": greeter_tls_wanted,
             "greeter_fleet": greeter_fleet,
             "greeter_fleet_split": greeter_fleet_split,

@@ -5,7 +5,8 @@ A no-op rerun is dominated by round trips, not by work: asking ``stat``, ``find`
 ``dpkg-query`` and ``systemctl`` separately costs one SSH exchange each per host. This
 module answers all of those questions at once and changes nothing, so the role can skip
 the expensive steps (apt, git, venv, pip, protoc) exactly when the host already has what
-they would produce. It never decides anything itself: the role compares and acts.
+they would produce. It never decides anything itself: the role compares and acts. What it
+shares with the balancer's state read (greeter_lb_info) is module_utils/greeter_host.py.
 """
 
 from __future__ import annotations
@@ -14,11 +15,16 @@ import grp
 import os
 import pwd
 import re
-import stat
-import sys
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.greeter_boot import cloud_init_state, dpkg_lock_holders
+from ansible.module_utils.greeter_host import (
+    file_state,
+    missing_packages,
+    os_release,
+    owner_name,
+    unit_state,
+)
 
 DOCUMENTATION = r"""
 ---
@@ -195,21 +201,9 @@ def _releases(module: AnsibleModule, root: str, names: list[str]) -> list[dict]:
     for release in releases:
         release["id"] = os.path.basename(release["path"])
         release["files"] = {
-            name: _file(module, os.path.join(release["path"], name)) for name in names
+            name: file_state(module, os.path.join(release["path"], name)) for name in names
         }
     return releases
-
-
-def _missing_packages(module: AnsibleModule, packages: list[str]) -> list[str]:
-    if not packages:
-        return []
-    dpkg = module.get_bin_path("dpkg-query")
-    if dpkg is None:
-        return list(packages)
-    _, out, _ = module.run_command([dpkg, "-W", "-f=${Package} ${db:Status-Abbrev}\\n", *packages])
-    fields = [line.split() for line in out.splitlines()]
-    installed = {words[0] for words in fields if len(words) > 1 and words[1] == "ii"}
-    return [name for name in packages if name not in installed]
 
 
 def _systemd(module: AnsibleModule, unit: str) -> tuple[int, dict]:
@@ -219,34 +213,7 @@ def _systemd(module: AnsibleModule, unit: str) -> tuple[int, dict]:
     _, version_out, _ = module.run_command([systemctl, "--version"])
     match = re.match(r"systemd (\d+)", version_out)
     props = "ActiveState,SubState,UnitFileState,MainPID,NeedDaemonReload,LoadState"
-    _, out, _ = module.run_command([systemctl, "show", f"--property={props}", unit])
-    service = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-    return (int(match.group(1)) if match else 0), service
-
-
-def _file(module: AnsibleModule, path: str) -> dict:
-    """What the file, copy and template modules compare: type, ownership, mode, content."""
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return {"state": "absent"}
-    kinds = {stat.S_IFREG: "file", stat.S_IFDIR: "directory", stat.S_IFLNK: "link"}
-    found = {
-        "state": kinds.get(stat.S_IFMT(info.st_mode), "other"),
-        "owner": _name(pwd.getpwuid, info.st_uid),
-        "group": _name(grp.getgrgid, info.st_gid),
-        "mode": f"{stat.S_IMODE(info.st_mode):04o}",
-    }
-    if found["state"] == "file":
-        found["checksum"] = module.sha1(path)
-    return found
-
-
-def _name(lookup, number: int) -> str:
-    try:
-        return lookup(number)[0]
-    except KeyError:
-        return str(number)
+    return (int(match.group(1)) if match else 0), unit_state(module, unit, props)
 
 
 def _account(user: str | None, group: str | None) -> dict:
@@ -256,7 +223,7 @@ def _account(user: str | None, group: str | None) -> dict:
             entry = pwd.getpwnam(user)
             found["user"] = {
                 "uid": entry.pw_uid,
-                "group": _name(grp.getgrgid, entry.pw_gid),
+                "group": owner_name(grp.getgrgid, entry.pw_gid),
                 "home": entry.pw_dir,
                 "shell": entry.pw_shell,
             }
@@ -282,24 +249,6 @@ def _free(root: str) -> dict:
         path = os.path.dirname(path)
     info = os.statvfs(path)
     return {"path": path, "mib": info.f_bavail * info.f_frsize // (1024 * 1024)}
-
-
-def _os_release() -> dict:
-    info = {"ID": "", "VERSION_ID": "", "VERSION_CODENAME": ""}
-    try:
-        with open("/etc/os-release", encoding="utf-8") as handle:
-            for line in handle:
-                key, _, value = line.strip().partition("=")
-                if key in info:
-                    info[key] = value.strip('"')
-    except OSError:
-        pass
-    return {
-        "id": info["ID"],
-        "version_id": info["VERSION_ID"],
-        "codename": info["VERSION_CODENAME"],
-        "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
-    }
 
 
 def main() -> None:
@@ -347,12 +296,12 @@ def main() -> None:
         releases=releases,
         builds=builds,
         build_complete=any(b["commit"] == commit and b["complete"] for b in builds),
-        missing_packages=_missing_packages(module, module.params["packages"]),
+        missing_packages=missing_packages(module, module.params["packages"]),
         service=service,
         systemd_version=systemd_version,
-        os=_os_release(),
+        os=os_release(),
         boot={"cloud_init": cloud_init_state(), "dpkg_lock": dpkg_lock_holders()},
-        files={path: _file(module, path) for path in module.params["files"]},
+        files={path: file_state(module, path) for path in module.params["files"]},
         account=_account(module.params["user"], module.params["group"]),
         probe=probe,
         free=_free(root),

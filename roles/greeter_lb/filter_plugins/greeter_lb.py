@@ -53,16 +53,6 @@ def greeter_lb_grpc_health_check(service: str, authority: str = "greeter-lb") ->
     return wire.hex()
 
 
-def greeter_lb_drift(wanted: dict[str, dict], actual: dict[str, dict]) -> list[str]:
-    """Paths whose actual state (greeter_lb_info's ``files``) differs from the wanted one in any
-    key the wanted state names; a path the state read did not cover counts as drifted."""
-    return [
-        path
-        for path, want in wanted.items()
-        if any(str(actual.get(path, {}).get(key)) != str(value) for key, value in want.items())
-    ]
-
-
 def greeter_lb_tls_key_matches(cert_pem: str, key_pem: str) -> bool:
     """Whether key_pem is the (unencrypted) private key of cert_pem's first certificate.
 
@@ -96,7 +86,6 @@ class FilterModule:
     def filters(self) -> dict:
         return {
             "greeter_lb_grpc_health_check": greeter_lb_grpc_health_check,
-            "greeter_lb_drift": greeter_lb_drift,
             "greeter_lb_tls_key_matches": greeter_lb_tls_key_matches,
             "greeter_lb_state_of": greeter_lb_state_of,
         }

@@ -2,17 +2,14 @@
 """Report a balancer host's state in one module call: packages, managed files, the service.
 
 As in the greeter role, a rerun that changes nothing is one round trip per host: the role
-compares this answer with what it would write and acts only on what differs.
+compares this answer with what it would write and acts only on what differs. What the two
+roles' state reads share is module_utils/greeter_host.py (plugins/, through ansible.cfg).
 """
 
 from __future__ import annotations
 
-import grp
-import os
-import pwd
-import stat
-
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.greeter_host import file_state, missing_packages, os_release, unit_state
 
 DOCUMENTATION = r"""
 ---
@@ -55,70 +52,14 @@ service:
   returned: always
   type: dict
 os:
-  description: C(id), C(version_id) and C(codename) from /etc/os-release.
+  description: C(id), C(version_id) and C(codename) from /etc/os-release, C(python) the
+    module's Python version.
   returned: always
   type: dict
 """
 
 
-def _missing_packages(module: AnsibleModule, packages: list[str]) -> list[str]:
-    dpkg = module.get_bin_path("dpkg-query")
-    if not packages or dpkg is None:
-        return list(packages)
-    _, out, _ = module.run_command([dpkg, "-W", "-f=${Package} ${db:Status-Abbrev}\\n", *packages])
-    fields = [line.split() for line in out.splitlines()]
-    installed = {words[0] for words in fields if len(words) > 1 and words[1] == "ii"}
-    return [name for name in packages if name not in installed]
-
-
-def _name(lookup, number: int) -> str:
-    try:
-        return lookup(number)[0]
-    except KeyError:
-        return str(number)
-
-
-def _file(module: AnsibleModule, path: str) -> dict:
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return {"state": "absent"}
-    kinds = {stat.S_IFREG: "file", stat.S_IFDIR: "directory", stat.S_IFLNK: "link"}
-    found = {
-        "state": kinds.get(stat.S_IFMT(info.st_mode), "other"),
-        "owner": _name(pwd.getpwuid, info.st_uid),
-        "group": _name(grp.getgrgid, info.st_gid),
-        "mode": f"{stat.S_IMODE(info.st_mode):04o}",
-    }
-    if found["state"] == "file":
-        found["checksum"] = module.sha1(path)
-    return found
-
-
-def _service(module: AnsibleModule, unit: str) -> dict:
-    systemctl = module.get_bin_path("systemctl")
-    if systemctl is None:
-        return {}
-    props = "ActiveState,UnitFileState,NeedDaemonReload,LoadState"
-    _, out, _ = module.run_command([systemctl, "show", f"--property={props}", unit])
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-
-
-def _os_release() -> dict:
-    info = {"ID": "", "VERSION_ID": "", "VERSION_CODENAME": ""}
-    try:
-        with open("/etc/os-release", encoding="utf-8") as handle:
-            for line in handle:
-                key, _, value = line.strip().partition("=")
-                if key in info:
-                    info[key] = value.strip('"')
-    except OSError:
-        pass
-    return {
-        "id": info["ID"],
-        "version_id": info["VERSION_ID"],
-        "codename": info["VERSION_CODENAME"],
-    }
+UNIT_PROPERTIES = "ActiveState,UnitFileState,NeedDaemonReload,LoadState"
 
 
 def main() -> None:
@@ -132,10 +73,10 @@ def main() -> None:
     )
     module.exit_json(
         changed=False,
-        missing_packages=_missing_packages(module, module.params["packages"]),
-        files={path: _file(module, path) for path in module.params["files"]},
-        service=_service(module, module.params["unit"]),
-        os=_os_release(),
+        missing_packages=missing_packages(module, module.params["packages"]),
+        files={path: file_state(module, path) for path in module.params["files"]},
+        service=unit_state(module, module.params["unit"], UNIT_PROPERTIES),
+        os=os_release(),
     )
 
 
