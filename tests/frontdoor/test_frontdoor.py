@@ -299,8 +299,8 @@ def test_an_unreachable_balancer_fails_the_deploy_naming_it_before_any_drain(
     fleet: LabSession, tmp_path: Path
 ) -> None:
     """The balancer's link is down: the deploy fails in its state read naming the balancer, not
-    a backend, and drains or switches nothing; the backends keep serving. With the link back,
-    the rerun converges."""
+    a backend, and drains or switches nothing, and so does a rollback; the backends keep
+    serving. With the link back, the rerun converges."""
     wait_all_up(fleet, BACKENDS)
     rc, rows = probe_rows(fleet)
     assert rc == 0, rows
@@ -313,6 +313,7 @@ def test_an_unreachable_balancer_fails_the_deploy_naming_it_before_any_drain(
         started = time.monotonic()
         result = fleet.playbook("playbooks/deploy.yml", "-e", f"greeter_version={new}", check=False)
         took = time.monotonic() - started
+        back = fleet.playbook("playbooks/rollback.yml", check=False)  # the same before its drain
         direct = fleet.run("greeter", "probe", *targets, "--json", check=False)
     finally:
         subprocess.run(["ip", "link", "set", fleet.balancer.veth, "up"], check=True)
@@ -329,6 +330,10 @@ def test_an_unreachable_balancer_fails_the_deploy_naming_it_before_any_drain(
         assert counters[name]["unreachable"] == 0, (name, output[-3000:])  # not blamed on them
     assert "Set the host at the balancer" not in result.stdout  # no backend was drained
     assert "lost while preparing" not in output and "lost during the rollout" not in output
+    rolled = " ".join((back.stdout + back.stderr).split())
+    assert back.returncode != 0 and said in rolled, rolled[-3000:]
+    assert "Set the host at the balancer" not in back.stdout
+    assert all(recap(back.stdout)[name]["changed"] == 0 for name in BACKENDS), rolled[-3000:]
     # The backends kept serving their release the whole time (called directly, not through it).
     assert direct.returncode == 0, direct.stdout + direct.stderr
     assert {row["commit"] for row in json.loads(direct.stdout)} == {old}
