@@ -118,6 +118,33 @@ def _signal_group(pgid: int, signum: int) -> bool:
     return True
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything it started, as if its machine had died.
+
+    Not its process group alone: ansible-core's workers call setsid, so a killed
+    ansible-playbook's group leaves them running, orphaned, still acting on hosts. Each
+    process is frozen (SIGSTOP) before its children are read, so none starts another in
+    between; then all are killed.
+    """
+    frozen, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(current, signal.SIGSTOP)
+            frozen.append(current)
+        todo.extend(_children(current))
+    for current in frozen:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(current, signal.SIGKILL)
+
+
 def stop_group(proc: subprocess.Popen, grace: float = STOP_GRACE) -> None:
     """SIGTERM the process group the command leads, then SIGKILL what is left after `grace`.
 

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import select
-import signal
 import subprocess
 import termios
 import time
-from pathlib import Path
 
 import pytest
 from aws_helpers import BIN, REPO, Aws
 from support.ansible import recap as ansible_recap
+from support.watchdog import kill_tree
 
 pytestmark = pytest.mark.aws
 
@@ -69,17 +67,6 @@ def test_teardown_without_confirmation_or_terminal_deletes_nothing(aws: Aws, sta
     assert len(aws.instances(stack, "running")) == 2  # the host and the balancer
 
 
-def descendants(pid: int) -> list[int]:
-    """Child processes, grandchildren first (ansible's workers run in sessions of their own)."""
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return []
-    return [grandchild for child in children for grandchild in descendants(int(child))] + [
-        int(child) for child in children
-    ]
-
-
 def answer_prompt(aws: Aws, stack: str, answer: str) -> tuple[int, str]:
     """Run teardown.yml on a pseudo-terminal and type `answer` at its prompt."""
     controller, terminal = os.openpty()
@@ -127,9 +114,7 @@ def answer_prompt(aws: Aws, stack: str, answer: str) -> tuple[int, str]:
             pytest.fail(f"teardown.yml did not finish; it printed: {text}")
     finally:
         if process.poll() is None:  # a hung run: stop the playbook and its workers, by PID
-            for pid in [*descendants(process.pid), process.pid]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            kill_tree(process.pid)
             process.wait()
         os.close(controller)
 

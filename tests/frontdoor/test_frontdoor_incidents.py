@@ -12,7 +12,6 @@ import itertools
 import os
 import re
 import shlex
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +32,7 @@ from front_support import (
     wait_all_up,
 )
 from support.ansible import recap, with_ssh_options
+from support.watchdog import kill_tree
 
 if TYPE_CHECKING:
     from support.lab import LabSession
@@ -295,7 +295,8 @@ def test_a_run_killed_between_drain_and_ready_and_its_rerun_fail_no_call(
                 assert time.monotonic() - started < 600
                 time.sleep(0.2)
         finally:
-            os.killpg(killed.pid, signal.SIGKILL)  # the controller and every worker it forked
+            # The controller and every worker it forked (they call setsid: not in its group).
+            kill_tree(killed.pid)
         out, _ = killed.communicate(timeout=60)
         left = at_balancer(fleet)["greeter-1"]["status"]
         said = " ".join(out.split())  # the YAML callback folds long lines

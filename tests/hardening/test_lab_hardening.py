@@ -725,7 +725,7 @@ def test_apt_source_that_answers_then_stalls_fails_within_the_bound_and_a_rerun_
             while host.ssh("pgrep -x http", check=False).returncode != 0:
                 assert time.monotonic() < deadline, "apt never started on the host"
                 time.sleep(1)
-            os.killpg(killed.proc.pid, signal.SIGKILL)
+            watchdog.kill_tree(killed.proc.pid)  # ansible-playbook and its workers (setsid)
         leftover = host.ssh("pgrep -x http", check=False)
         assert leftover.returncode == 0, "the killed run's apt should still wait on the host"
     finally:

@@ -78,3 +78,64 @@ def test_the_command_line_exits_124_and_prints_the_report(tmp_path: Path) -> Non
     assert "TASK [greeter : Refresh the package lists]" in result.stdout  # echoed while it ran
     assert "no answer yet from: greeter-2" in result.stderr
     assert gone(int((tmp_path / "child.pid").read_text()))
+
+
+def test_kill_tree_ends_an_ansible_run_and_the_workers_that_left_its_group(tmp_path: Path) -> None:
+    """A SIGKILL to ansible-playbook's process group leaves its workers running (ansible-core's
+    workers call setsid); kill_tree ends the run and every process it started, as a dead
+    controller would."""
+    playbook = tmp_path / "sleep.yml"
+    playbook.write_text(
+        "- hosts: localhost\n  gather_facts: false\n  tasks:\n"
+        "    - ansible.builtin.command: sleep 300\n      changed_when: false\n"
+    )
+    ansible = Path(sys.executable).with_name("ansible-playbook")
+    run = subprocess.Popen(
+        [str(ansible), "-i", "localhost,", "-c", "local", str(playbook),
+         "-e", f"ansible_python_interpreter={sys.executable}"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # the worker runs the task once `sleep 300` runs under it
+            tree = _tree(run.pid)
+            if any(_command(pid).startswith("sleep 300") for pid in tree):
+                break
+            assert run.poll() is None, "the run ended before its task started"
+            assert time.monotonic() < deadline, "the task never started"
+            time.sleep(0.2)
+        sessions = {os.getsid(pid) for pid in tree if _command(pid)}
+        assert len(sessions) > 1, "every process stayed in the run's session"  # setsid'd workers
+        watchdog.kill_tree(run.pid)
+        assert run.wait(timeout=30) == -9
+        deadline = time.monotonic() + 10
+        while [pid for pid in tree if _alive(pid)]:
+            assert time.monotonic() < deadline, [_command(p) for p in tree if _alive(p)]
+            time.sleep(0.1)
+    finally:
+        if run.poll() is None:
+            watchdog.kill_tree(run.pid)
+
+
+def _tree(pid: int) -> list[int]:
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return [pid]
+    return [pid, *(p for child in children for p in _tree(int(child)))]
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    """Running and not a zombie (a zombie is reaped by whoever adopted it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except OSError:
+        return False

@@ -16,6 +16,7 @@ _spec.loader.exec_module(_module)
 
 Stuck = _module.Stuck
 Watched = _module.Watched
+kill_tree = _module.kill_tree
 run = _module.run
 
-__all__ = ["Stuck", "Watched", "run"]
+__all__ = ["Stuck", "Watched", "kill_tree", "run"]
