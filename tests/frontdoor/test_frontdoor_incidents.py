@@ -42,6 +42,14 @@ pytestmark = pytest.mark.lab
 LAB_NAME = os.environ.get("LAB_FRONTDOOR_INCIDENTS_NAME", "incid")
 
 
+def reverted(name: str, commit: str) -> str:
+    """The finish step's line for a host put back after the run stopped (a regex)."""
+    return (
+        rf"{name}: the run stopped after this host switched to {commit}-[0-9a-f]{{12}}; "
+        r"reverted to [0-9a-f]{40}-[0-9a-f]{12}, which serves again"
+    )
+
+
 @pytest.fixture(scope="module")
 def fleet(extra_lab: Callable[..., LabSession]) -> Iterator[LabSession]:
     """Three lab backends and the balancer host, the front door built by site.yml."""
@@ -162,11 +170,7 @@ def test_a_rollout_whose_last_batch_fails_goes_back_batch_by_batch_through_the_f
     assert result.returncode != 0
     assert re.search(rf"greeter-3: release {bad}-[0-9a-f]{{12}} failed \(", output), output[-3000:]
     for name in ("greeter-1", "greeter-2"):
-        assert re.search(
-            rf"{name}: the run stopped after this host switched to {bad}-[0-9a-f]{{12}}; "
-            r"reverted to [0-9a-f]{40}-[0-9a-f]{12}, which serves again",
-            output,
-        ), output[-3000:]
+        assert re.search(reverted(name, bad), output), output[-3000:]
     calls = plain.report["ok"] + len(plain.failures)
     print(f"[frontdoor] plain client: {calls} calls, {len(plain.failures)} failed", flush=True)
     assert plain.failures == [], plain.failures[:10]
@@ -226,11 +230,7 @@ def test_a_host_lost_after_it_switched_stops_the_run_and_the_others_go_back_thro
     assert recap("".join(lines))["greeter-1"]["unreachable"] == 1
     assert "greeter-1: lost during the rollout" in output, output[-3000:]
     for name in ("greeter-2", "greeter-3"):
-        assert re.search(
-            rf"{name}: the run stopped after this host switched to {new}-[0-9a-f]{{12}}; "
-            r"reverted to [0-9a-f]{40}-[0-9a-f]{12}, which serves again",
-            output,
-        ), output[-3000:]
+        assert re.search(reverted(name, new), output), output[-3000:]
         print(f"[frontdoor] {drained_through_restart(fleet, counters, name)}", flush=True)
     # Only calls on their way to greeter-1 when its link went down can fail (a 5 s deadline, and
     # at most 3 s until the balancer takes it out); none during the reverts.
