@@ -40,20 +40,22 @@ SUITE_TIMEOUTS = {
 }
 
 
-# The longest files first: make test's two workers take files in collection order (Makefile:
-# --no-loadscope-reorder), each starting with two (the 1st and 3rd, the 2nd and 4th), so no
-# long lab file is left to start last and run alone. Seconds of each in the 60 slowest test
-# phases of a fresh-clone run (7 Dec 2026, 54 min in all).
+# The longest files first: make test's workers take files in collection order (Makefile:
+# --no-loadscope-reorder), two each to start with, so no long lab file is left to start last and
+# run alone. Seconds of each file in a fresh-clone run (7 Dec 2026, two workers); the 12-host
+# file's beside the hardening file alone.
 LONGEST_FIRST = (
-    "hardening/test_lab_hardening.py",  # 1157
-    "frontdoor/test_frontdoor.py",  # 646
-    "frontdoor/test_frontdoor_incidents.py",  # 652
-    "deploy/test_deploy.py",  # 600
-    "deploy/test_rollout_fleet.py",  # 602
-    "deploy/test_rollout_release.py",  # 470
-    "dayone/test_day_one.py",  # 440
-    "deploy/test_releases.py",  # 431
-    "ops/test_notices.py",  # 274
+    "hardening/test_lab_hardening.py",  # 940
+    "deploy/test_deploy.py",  # 755
+    "frontdoor/test_frontdoor_incidents.py",  # 743
+    "deploy/test_rollout_fleet.py",  # 651
+    "frontdoor/test_frontdoor.py",  # 603
+    "deploy/test_rollout_release.py",  # 529
+    "dayone/test_day_one.py",  # 454
+    "deploy/test_releases.py",  # 413
+    "frontdoor/test_fleet_of_12.py",  # 400
+    "ops/test_notices.py",  # 270
+    "deploy/test_first_boot.py",  # 155
 )
 
 
