@@ -52,12 +52,12 @@ lint: dev ## ruff, yamllint, ansible-lint (production profile), cfn-lint, checko
 	actionlint
 
 test: lint host-deps ## every lint and every test
-	# Three workers, a test file each at a time: a lab test waits on hosts, timers and bounds, so
-	# two files side by side left the 2 cores partly idle. Three lab files took 681 s with three
-	# workers, against 1545 s of the same work over two (~770 s). Each worker has its own labs.
+	# Two workers, a test file each at a time: most of a lab test is waiting on hosts, so two
+	# files side by side use the 2 cores that one leaves half idle. Each worker has its own labs.
+	# Three were tried (7 Dec 2026): every lab file took ~1.5x as long, 57 min in all against 52.
 	# Files go in collection order (tests/conftest.py puts the longest first), not xdist's
 	# default of the files with the most tests first, which left the longest lab files to the end.
-	pytest -n 3 --dist loadfile --no-loadscope-reorder
+	pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 demo: dev host-deps ## the main job: emulated AWS + $(N) lab hosts, site.yml, probe table
 	lab/demo $(N)
