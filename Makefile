@@ -54,7 +54,8 @@ lint: dev ## ruff, yamllint, ansible-lint (production profile), cfn-lint, checko
 test: lint host-deps ## every lint and every test
 	# Two workers, a test file each at a time: most of a lab test is waiting on hosts, so two
 	# files side by side use the 2 cores that one leaves half idle. Each worker has its own labs.
-	# Three were tried (7 Dec 2026): every lab file took ~1.5x as long, 57 min in all against 52.
+	# Three were tried (7 Dec 2026): every lab file took ~1.5x as long; the same 488 tests took
+	# 57:14 against 58:27 with two, at a load up to 20: no gain worth that load.
 	# Files go in collection order (tests/conftest.py puts the longest first), not xdist's
 	# default of the files with the most tests first, which left the longest lab files to the end.
 	pytest -n 2 --dist loadfile --no-loadscope-reorder
